@@ -1,0 +1,26 @@
+"""pg-backup-api: a REST API that drives Barman."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from flask import Flask
+
+__version__ = "0.1.0"
+
+MAX_BODY_BYTES = 64 * 1024
+
+
+def create_app(settings: Optional["Settings"] = None) -> Flask:  # noqa: F821
+    """The application factory; *settings* default to the PG_BACKUP_API_* environment."""
+    from pg_backup_api.api import bp, register_error_handlers
+    from pg_backup_api.service import Service
+    from pg_backup_api.settings import Settings
+
+    app = Flask(__name__)
+    app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES
+    app.json.sort_keys = False
+    app.extensions["pg_backup_api"] = Service(settings or Settings.from_env())
+    app.register_blueprint(bp)
+    register_error_handlers(app)
+    return app

@@ -1,0 +1,5 @@
+import sys
+
+from pg_backup_api.cli import main
+
+sys.exit(main())

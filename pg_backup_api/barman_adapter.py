@@ -1,0 +1,214 @@
+"""The only module that talks to Barman: its configuration, its catalogue, its command line."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple
+
+import barman
+from barman.config import Config
+from barman.infofile import BackupInfo
+
+from pg_backup_api.errors import ConfigurationError, NoSuchBackup, NoSuchServer, Unprocessable
+
+log = logging.getLogger(__name__)
+
+BARMAN_VERSION: Tuple[int, ...] = tuple(
+    int(p) for p in barman.__version__.split(".")[:3] if p.isdigit()
+)
+# Barman 3.12 renamed `recover` to `restore` and keeps `recover` as an alias.
+RESTORE_COMMAND = "restore" if BARMAN_VERSION >= (3, 12) else "recover"
+
+# Aliases Barman accepts for a backup id, matched exactly (never as substrings).
+LATEST = ("latest", "last")
+OLDEST = ("oldest", "first")
+LATEST_FULL = ("latest-full", "last-full")
+LAST_FAILED = ("last-failed",)
+RECOVERABLE = (BackupInfo.DONE,)
+
+Fingerprint = Tuple[Tuple[str, int, int], ...]
+
+
+@dataclass(frozen=True)
+class BarmanConfig:
+    """A fully loaded, never mutated, Barman configuration."""
+
+    path: str
+    config: Config
+    fingerprint: Fingerprint
+
+    @property
+    def barman_home(self) -> Path:
+        return Path(os.path.expanduser(self.config.barman_home))
+
+    @property
+    def server_names(self) -> List[str]:
+        return sorted(self.config.server_names())
+
+    def server(self, name: str) -> Any:
+        """The ServerConfig of *name*, or NoSuchServer."""
+        server = self.config.get_server(name)
+        if server is None:
+            raise NoSuchServer(name)
+        return server
+
+
+def _fingerprint(path: str, conf_dir: Optional[str]) -> Fingerprint:
+    """What identifies the configuration's files as they are now: names, mtimes and sizes."""
+    entries = []
+    paths = [path]
+    if conf_dir:
+        directory = os.path.expanduser(conf_dir)
+        paths.append(directory)
+        try:
+            paths.extend(sorted(e.path for e in os.scandir(directory) if e.name.endswith(".conf")))
+        except OSError:
+            pass
+    for p in paths:
+        try:
+            st = os.stat(p)
+            entries.append((p, st.st_mtime_ns, st.st_size))
+        except OSError:
+            entries.append((p, -1, -1))
+    return tuple(entries)
+
+
+def load_config(path: str) -> BarmanConfig:
+    """Load Barman's configuration as Barman does, or raise ConfigurationError saying why."""
+    if not os.path.isfile(path):
+        raise ConfigurationError(f"Barman configuration file '{path}' does not exist")
+    try:
+        config = Config(path)
+        config.load_configuration_files_directory()
+        config.server_names()  # parses every server section now, not on first use
+    except SystemExit as exc:  # Barman reports some configuration errors with sys.exit
+        raise ConfigurationError(f"Barman configuration '{path}' is invalid: {exc}") from None
+    except Exception as exc:
+        raise ConfigurationError(f"Barman configuration '{path}' is invalid: {exc}") from None
+    if not config.barman_home:
+        raise ConfigurationError(f"Barman configuration '{path}' sets no barman_home")
+    conf_dir = config.get("barman", "configuration_files_directory")
+    return BarmanConfig(path, config, _fingerprint(path, conf_dir))
+
+
+class ConfigSource:
+    """Hands out the current configuration, reloading it only when one of its files changed.
+
+    A reload builds a new BarmanConfig and then swaps one reference: a request that
+    already holds the previous one finishes with it, so no reader ever sees a half-built
+    configuration.
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._current: Optional[BarmanConfig] = None
+        self._error: Optional[ConfigurationError] = None
+        self._error_fingerprint: Optional[Fingerprint] = None
+        self._lock = threading.Lock()
+
+    def get(self) -> BarmanConfig:
+        current = self._current
+        if current is not None:
+            conf_dir = current.config.get("barman", "configuration_files_directory")
+            if _fingerprint(self.path, conf_dir) == current.fingerprint:
+                return current
+        with self._lock:
+            return self._reload()
+
+    def _reload(self) -> BarmanConfig:
+        current = self._current
+        conf_dir = current.config.get("barman", "configuration_files_directory") if current else None
+        fingerprint = _fingerprint(self.path, conf_dir)
+        if current is not None and fingerprint == current.fingerprint:
+            return current  # another thread reloaded while this one waited
+        if self._error is not None and fingerprint == self._error_fingerprint:
+            raise self._error
+        try:
+            loaded = load_config(self.path)
+        except ConfigurationError as exc:
+            log.error("%s", exc.message)
+            self._error, self._error_fingerprint = exc, fingerprint
+            raise
+        if current is not None:
+            log.info("Barman configuration '%s' changed: reloaded", self.path)
+        self._error = None
+        self._current = loaded
+        return loaded
+
+
+def _server(server_config: Any) -> Any:
+    from barman.server import Server  # heavy import, needed only to read a catalogue
+
+    return Server(server_config)
+
+
+@dataclass(frozen=True)
+class Backup:
+    backup_id: str
+    status: str
+
+
+def resolve_backup(server_config: Any, requested: str) -> Backup:
+    """Turn a backup id, an alias or a backup name into the concrete backup it names now."""
+    server = _server(server_config)
+    backups = server.get_available_backups(status_filter=BackupInfo.STATUS_ALL)
+    if requested in LATEST:
+        backup_id = server.get_last_backup_id()
+    elif requested in OLDEST:
+        backup_id = server.get_first_backup_id()
+    elif requested in LATEST_FULL:
+        backup_id = server.get_last_full_backup_id()
+    elif requested in LAST_FAILED:
+        raise Unprocessable("backup_id 'last-failed' names a failed backup, which cannot be recovered")
+    elif requested in backups:
+        backup_id = requested
+    else:
+        named = [b.backup_id for b in backups.values() if getattr(b, "backup_name", None) == requested]
+        backup_id = named[0] if len(named) == 1 else None
+    if backup_id is None or backup_id not in backups:
+        raise NoSuchBackup(
+            f"backup_id '{requested}' matches no backup of server '{server_config.name}'"
+        )
+    status = backups[backup_id].status
+    if status not in RECOVERABLE:
+        raise Unprocessable(
+            f"backup '{backup_id}' of server '{server_config.name}' has status {status}: "
+            f"only a backup with status {', '.join(RECOVERABLE)} can be recovered"
+        )
+    return Backup(backup_id, status)
+
+
+def barman_executable() -> str:
+    """The barman installed beside this Python (a venv), else the one on PATH."""
+    beside = Path(sys.executable).parent / "barman"
+    if beside.is_file() and os.access(beside, os.X_OK):
+        return str(beside)
+    return shutil.which("barman") or "barman"
+
+
+def restore_argv(config_path: str, server: str, backup_id: str, destination: str,
+                 remote_ssh_command: str) -> List[str]:
+    """`barman restore` as an argv list: never a shell, and the values after `--`."""
+    return [
+        barman_executable(), "-c", config_path, RESTORE_COMMAND,
+        f"--remote-ssh-command={remote_ssh_command}",
+        "--", server, backup_id, destination,
+    ]
+
+
+def diagnose(config_path: str, timeout: float = 120) -> Dict[str, Any]:
+    """`barman diagnose` as a document, from a separate process so no Barman state leaks in here."""
+    argv = [barman_executable(), "-c", config_path, "diagnose"]
+    proc = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                          timeout=timeout, check=False)
+    if proc.returncode != 0:
+        raise ConfigurationError(f"barman diagnose failed: {proc.stderr.strip() or proc.stdout.strip()}")
+    return json.loads(proc.stdout)

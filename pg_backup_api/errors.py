@@ -1,0 +1,47 @@
+"""The domain's exceptions; the HTTP layer maps each class to a status code once."""
+
+
+class ApiError(Exception):
+    """An error a client can act on; ``status`` is the HTTP status it maps to."""
+
+    status = 500
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class InvalidRequest(ApiError):
+    status = 400
+
+
+class NotFound(ApiError):
+    status = 404
+
+
+class NoSuchServer(NotFound):
+    def __init__(self, name: str) -> None:
+        super().__init__(f"server '{name}' is not in the Barman configuration")
+
+
+class NoSuchOperation(NotFound):
+    def __init__(self, op_id: str) -> None:
+        super().__init__(f"operation '{op_id}' does not exist")
+
+
+class NoSuchBackup(NotFound):
+    pass
+
+
+class Conflict(ApiError):
+    status = 409
+
+
+class Unprocessable(ApiError):
+    status = 422
+
+
+class ConfigurationError(ApiError):
+    """Barman's configuration cannot be read: nothing can be served until it is fixed."""
+
+    status = 503

@@ -1,0 +1,173 @@
+"""The operation store: write-once JSON files under Barman's home, in the reference's layout.
+
+    <barman_home>/<server>/jobs/<ID>.json     created when an operation is accepted
+    <barman_home>/<server>/output/<ID>.json   created once, when the operation has ended
+    <barman_home>/jobs|output/<ID>.json       the same for Barman-instance operations
+
+An operation's status follows from which files exist, so the files are the only state.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import threading
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+from pg_backup_api import ids
+from pg_backup_api.errors import ApiError, NoSuchOperation
+
+log = logging.getLogger(__name__)
+
+JOBS_DIR = "jobs"
+OUTPUT_DIR = "output"
+WORKER_LOG_SUFFIX = ".log"
+
+
+def write_json_atomic(path: Path, data: Dict[str, Any], exclusive: bool) -> None:
+    """Write *data* to *path* so that a reader sees either no file or the whole file.
+
+    With *exclusive*, fail with FileExistsError rather than replace an existing file:
+    `os.link` of the finished temporary file is both atomic and exclusive.
+    """
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            os.fchmod(f.fileno(), 0o640)
+            json.dump(data, f, indent=2)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        if exclusive:
+            os.link(tmp, path)
+        else:
+            os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    finally:
+        if os.path.lexists(tmp):
+            os.unlink(tmp)
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _read_json(path: Path) -> Dict[str, Any]:
+    with open(path) as f:
+        data = json.load(f)
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} does not hold a JSON object")
+    return data
+
+
+@dataclass(frozen=True)
+class Record:
+    """One operation as stored: its job file, and its output file once it has ended."""
+
+    op_id: str
+    job: Dict[str, Any]
+    output: Optional[Dict[str, Any]]
+
+
+class OperationStore:
+    """The jobs/ and output/ folders of one Barman server, or of the Barman instance."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.jobs_dir = root / JOBS_DIR
+        self.output_dir = root / OUTPUT_DIR
+        # Job files are write-once, so a type parsed once is valid for as long as the
+        # file exists: listing then reads only the files it has not seen before.
+        self._types: Dict[str, str] = {}
+        self._lock = threading.Lock()
+
+    def job_path(self, op_id: str) -> Path:
+        return self.jobs_dir / f"{self._checked(op_id)}.json"
+
+    def output_path(self, op_id: str) -> Path:
+        return self.output_dir / f"{self._checked(op_id)}.json"
+
+    def log_path(self, op_id: str) -> Path:
+        return self.jobs_dir / f"{self._checked(op_id)}{WORKER_LOG_SUFFIX}"
+
+    @staticmethod
+    def _checked(op_id: str) -> str:
+        if not ids.is_valid_id(op_id):
+            raise NoSuchOperation(op_id)
+        return op_id
+
+    def ensure_dirs(self) -> None:
+        try:
+            self.jobs_dir.mkdir(parents=True, exist_ok=True)
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ApiError(f"cannot create the operation folders under {self.root}: {exc.strerror}") from exc
+
+    def create(self, fields: Dict[str, Any], now: datetime) -> str:
+        """Store a new job file and return its id; concurrent callers always get distinct ids."""
+        self.ensure_dirs()
+        for op_id in ids.candidates(now):
+            try:
+                write_json_atomic(self.job_path(op_id), fields, exclusive=True)
+            except FileExistsError:
+                continue
+            return op_id
+        raise ApiError("no free operation id left for this second")
+
+    def get(self, op_id: str) -> Record:
+        job_path = self.job_path(op_id)
+        try:
+            job = _read_json(job_path)
+        except FileNotFoundError:
+            raise NoSuchOperation(op_id) from None
+        except (OSError, ValueError) as exc:
+            raise ApiError(f"the job file of operation '{op_id}' cannot be read: {exc}") from None
+        return Record(op_id, job, self.read_output(op_id))
+
+    def read_output(self, op_id: str) -> Optional[Dict[str, Any]]:
+        try:
+            return _read_json(self.output_path(op_id))
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as exc:
+            raise ApiError(f"the output file of operation '{op_id}' cannot be read: {exc}") from None
+
+    def finish(self, op_id: str, result: Dict[str, Any]) -> bool:
+        """Record how the operation ended; False if an end was already recorded (the first wins)."""
+        self.ensure_dirs()
+        try:
+            write_json_atomic(self.output_path(op_id), result, exclusive=True)
+        except FileExistsError:
+            return False
+        return True
+
+    def list(self) -> List[Dict[str, str]]:
+        """[{"id", "type"}] of every operation, oldest first."""
+        try:
+            names = os.listdir(self.jobs_dir)
+        except FileNotFoundError:
+            return []
+        found = sorted((n[:-5] for n in names if n.endswith(".json") and ids.is_valid_id(n[:-5])),
+                       key=ids.sort_key)
+        with self._lock:
+            known: Dict[str, str] = {}
+            for op_id in found:
+                op_type = self._types.get(op_id)
+                if op_type is None:
+                    try:
+                        op_type = str(_read_json(self.job_path(op_id)).get("operation_type"))
+                    except (OSError, ValueError) as exc:
+                        log.warning("skipping unreadable job file of %s: %s", op_id, exc)
+                        continue
+                known[op_id] = op_type
+            self._types = known
+        return [{"id": i, "type": t} for i, t in known.items()]
