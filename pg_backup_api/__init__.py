@@ -11,16 +11,20 @@ __version__ = "0.1.0"
 MAX_BODY_BYTES = 64 * 1024
 
 
-def create_app(settings: Optional["Settings"] = None) -> Flask:  # noqa: F821
-    """The application factory; *settings* default to the PG_BACKUP_API_* environment."""
+def create_app(settings: Optional["Settings"] = None, spawn: Optional["Spawn"] = None) -> Flask:  # noqa: F821
+    """The application factory; *settings* default to the PG_BACKUP_API_* environment.
+
+    *spawn* replaces how workers are started: tests use it to stay in-process.
+    """
     from pg_backup_api.api import bp, register_error_handlers
+    from pg_backup_api.runner import spawn_worker
     from pg_backup_api.service import Service
     from pg_backup_api.settings import Settings
 
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES
     app.json.sort_keys = False
-    app.extensions["pg_backup_api"] = Service(settings or Settings.from_env())
+    app.extensions["pg_backup_api"] = Service(settings or Settings.from_env(), spawn or spawn_worker)
     app.register_blueprint(bp)
     register_error_handlers(app)
     return app

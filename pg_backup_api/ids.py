@@ -9,12 +9,12 @@ from typing import Iterator, Tuple
 # The reference's ids are bare `%Y%m%dT%H%M%S`; ours add `-N` only on a collision, so a
 # client that parses the timestamp part keeps working.
 ID_PATTERN = r"[0-9]{8}T[0-9]{6}(?:-[0-9]{1,6})?"
-ID_RE = re.compile(rf"^{ID_PATTERN}$")
+ID_RE = re.compile(ID_PATTERN)
 MAX_SUFFIX = 999_999
 
 
 def is_valid_id(op_id: str) -> bool:
-    return bool(ID_RE.match(op_id))
+    return ID_RE.fullmatch(op_id) is not None
 
 
 def candidates(now: datetime) -> Iterator[str]:

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
+import re
 from functools import cache, lru_cache
 from importlib import resources
-from typing import Any, Dict
+from typing import Any, Dict, Iterator
 
-from jsonschema import Draft202012Validator
+from jsonschema import Draft202012Validator, validators
 from jsonschema.exceptions import ValidationError
 
 from pg_backup_api.errors import InvalidRequest
@@ -19,10 +20,27 @@ def document() -> Dict[str, Any]:
 
 
 @cache
-def _validator(name: str) -> Draft202012Validator:
+def _ecma_regex(pattern: str) -> "re.Pattern[str]":
+    # In JSON Schema (ECMA-262) `$` ends the string; in Python it also matches before a final
+    # newline, which would let "latest\n" through a `^...$` pattern.
+    return re.compile(pattern[:-1] + r"\Z" if pattern.endswith("$") and not pattern.endswith("\\$")
+                      else pattern)
+
+
+def _pattern(validator: Any, pattern: str, instance: Any,
+             schema: Dict[str, Any]) -> Iterator[ValidationError]:
+    if isinstance(instance, str) and not _ecma_regex(pattern).search(instance):
+        yield ValidationError(f"{instance!r} does not match {pattern!r}")
+
+
+_Validator = validators.extend(Draft202012Validator, {"pattern": _pattern})
+
+
+@cache
+def _validator(name: str) -> Any:
     # The components travel with the root schema so that its `#/components/...` refs resolve.
     root = {"$ref": f"#/components/schemas/{name}", "components": document()["components"]}
-    return Draft202012Validator(root)
+    return _Validator(root)
 
 
 def validate(name: str, instance: Any) -> None:

@@ -1,0 +1,170 @@
+"""The HTTP contract (CONTRACT.md Part A) against real files; only the worker start is recorded."""
+
+import json
+import threading
+
+import pytest
+
+BODY = {"type": "recovery", "backup_id": "latest", "destination_directory": "/srv/pg/restore",
+        "remote_ssh_command": "ssh postgres@db2"}
+
+
+@pytest.fixture(autouse=True)
+def a_backup(barman_files):
+    barman_files.add_backup("20261127T010000", name="nightly")
+    barman_files.add_backup("20261127T020000", status="FAILED")
+
+
+def post(client, body, server="pg", **kw):
+    return client.post(f"/servers/{server}/operations", json=body, **kw)
+
+
+def test_status_is_the_json_string_ok(client):
+    response = client.get("/status")
+    assert response.status_code == 200
+    assert response.mimetype == "application/json"
+    assert json.loads(response.data) == "OK"
+
+
+def test_post_answers_202_with_the_id_and_a_location(client, spawned):
+    response = post(client, BODY)
+    assert response.status_code == 202
+    op_id = response.json["operation_id"]
+    assert response.headers["Location"] == f"/servers/pg/operations/{op_id}"
+    assert spawned.calls == [("recovery", "pg", op_id)]
+
+
+def test_the_job_file_records_the_request_and_the_resolved_backup(client, barman_files):
+    op_id = post(client, BODY).json["operation_id"]
+    job = json.loads((barman_files.home / "pg" / "jobs" / f"{op_id}.json").read_text())
+    assert job["operation_type"] == "recovery"
+    assert job["backup_id"] == "latest"
+    assert job["resolved_backup_id"] == "20261127T010000"
+    assert job["destination_directory"] == "/srv/pg/restore"
+    assert job["start_time"].endswith("+00:00")
+
+
+def test_a_new_operation_is_in_progress_and_listed(client):
+    op_id = post(client, BODY).json["operation_id"]
+    status = client.get(f"/servers/pg/operations/{op_id}").json
+    assert status["status"] == "IN_PROGRESS"
+    assert status["recovery_id"] == op_id
+    assert client.get("/servers/pg/operations").json == {"operations": [{"id": op_id, "type": "recovery"}]}
+
+
+def test_the_legacy_dialect_is_accepted(client):
+    body = {k: v for k, v in BODY.items() if k != "type"}
+    assert post(client, {"operation_type": "recover", **body}).status_code == 202
+
+
+def test_concurrent_posts_in_the_same_second_all_succeed_with_distinct_ids(app):
+    results = []
+
+    def worker():
+        results.append(post(app.test_client(), BODY))
+
+    threads = [threading.Thread(target=worker) for _ in range(20)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert [r.status_code for r in results] == [202] * 20
+    assert len({r.json["operation_id"] for r in results}) == 20
+
+
+@pytest.mark.parametrize("backup_id, resolved", [
+    ("latest", "20261127T010000"), ("last", "20261127T010000"), ("oldest", "20261127T010000"),
+    ("first", "20261127T010000"), ("latest-full", "20261127T010000"), ("nightly", "20261127T010000"),
+    ("20261127T010000", "20261127T010000"),
+])
+def test_backup_aliases_and_names_resolve_exactly(client, barman_files, backup_id, resolved):
+    op_id = post(client, {**BODY, "backup_id": backup_id}).json["operation_id"]
+    assert client.get(f"/servers/pg/operations/{op_id}").json["resolved_backup_id"] == resolved
+
+
+@pytest.mark.parametrize("backup_id", ["a", "lat", "t", "20261127T999999", "latest "])
+def test_substrings_of_aliases_are_not_aliases(client, backup_id):
+    response = post(client, {**BODY, "backup_id": backup_id})
+    assert response.status_code == 404
+    assert backup_id in response.json["error"]
+
+
+def test_a_failed_backup_is_refused_with_its_status(client):
+    for backup_id in ["20261127T020000", "last-failed"]:
+        response = post(client, {**BODY, "backup_id": backup_id})
+        assert response.status_code == 422
+        assert "fail" in response.json["error"].lower()
+
+
+@pytest.mark.parametrize("request_kwargs, status, words", [
+    ({"data": "not json", "content_type": "application/json"}, 400, "not valid JSON"),
+    ({"data": "", "content_type": "application/json"}, 400, "empty"),
+    ({"data": json.dumps(BODY), "content_type": "text/plain"}, 400, "Content-Type: application/json"),
+    ({"json": [1, 2]}, 400, "JSON object"),
+    ({"json": {**BODY, "type": "rm"}}, 400, "field 'type'"),
+    ({"json": {**BODY, "backup_id": None}}, 400, "field 'backup_id'"),
+    ({"json": {"backup_id": "latest"}}, 400, "is required"),
+    ({"json": {**BODY, "extra": 1}}, 400, "unknown field(s): extra"),
+    ({"json": {"type": "config_switch", "model_name": "m"}}, 400, "not supported yet"),
+    ({"data": "x" * 70000, "content_type": "application/json"}, 413, "larger than"),
+])
+def test_bad_posts_get_a_json_error_and_store_nothing(client, barman_files, request_kwargs, status, words):
+    response = client.post("/servers/pg/operations", **request_kwargs)
+    assert response.status_code == status
+    assert words in response.json["error"]
+    jobs = barman_files.home / "pg" / "jobs"
+    assert not jobs.exists() or list(jobs.iterdir()) == []
+
+
+def test_unknown_server_is_404_everywhere(client):
+    for response in [client.get("/servers/nope/operations"), post(client, BODY, server="nope"),
+                     client.get("/servers/nope/operations/20261127T093201")]:
+        assert response.status_code == 404
+        assert "server 'nope'" in response.json["error"]
+
+
+def test_unknown_or_malformed_operation_is_404(client):
+    for op_id in ["20261127T093201", "..%2F..%2Fetc", "x"]:
+        response = client.get(f"/servers/pg/operations/{op_id}")
+        assert response.status_code == 404
+        assert "error" in response.json
+
+
+def test_unknown_paths_and_methods_are_json_errors(client):
+    assert client.get("/nope").status_code == 404
+    assert client.get("/nope").json["error"].startswith("no such endpoint")
+    response = client.delete("/servers/pg/operations")
+    assert response.status_code == 405
+    assert "error" in response.json
+
+
+def test_instance_operations_list_and_404(client):
+    assert client.get("/operations").json == {"operations": []}
+    assert client.get("/operations/20261127T093201").status_code == 404
+    response = client.post("/operations", json={"type": "config_update", "changes": []})
+    assert response.status_code == 400
+    assert "not supported yet" in response.json["error"]
+
+
+def test_a_worker_that_cannot_start_leaves_a_failed_operation_not_a_lost_one(client, spawned):
+    spawned.fail = True
+    response = post(client, BODY)
+    assert response.status_code == 500
+    assert "error" in response.json
+    [op] = client.get("/servers/pg/operations").json["operations"]
+    status = client.get(f"/servers/pg/operations/{op['id']}").json
+    assert status["status"] == "FAILED"
+    assert "cannot start the worker" in status["output"]
+
+
+def test_a_broken_configuration_is_a_json_503_not_a_crash(client, barman_files):
+    barman_files.conf.write_text("[barman]\nthis is not ini\n")
+    response = client.get("/servers/pg/operations")
+    assert response.status_code == 503
+    assert "barman.conf" in response.json["error"]
+
+
+def test_openapi_document_is_served(client):
+    doc = client.get("/openapi.json").json
+    assert doc["openapi"].startswith("3.")
+    assert "/servers/{server_name}/operations" in doc["paths"]
