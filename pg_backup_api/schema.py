@@ -8,10 +8,18 @@ from functools import cache, lru_cache
 from importlib import resources
 from typing import Any, Dict, Iterator
 
-from jsonschema import Draft202012Validator, validators
+from jsonschema import Draft202012Validator, FormatChecker, validators
 from jsonschema.exceptions import ValidationError
 
+from pg_backup_api import paths, ssh_command
 from pg_backup_api.errors import InvalidRequest
+
+# Formats whose rules a regular expression cannot say; the checks raise InvalidRequest
+# with a message that names the field and the offending part.
+FORMATS = FormatChecker(formats=())
+FORMATS.checks("ssh-command", raises=InvalidRequest)(lambda v: ssh_command.parse(v) is not None)
+FORMATS.checks("target-path", raises=InvalidRequest)(
+    lambda v: paths.check_target_path("path", v) is None)
 
 
 @lru_cache(maxsize=1)
@@ -40,7 +48,7 @@ _Validator = validators.extend(Draft202012Validator, {"pattern": _pattern})
 def _validator(name: str) -> Any:
     # The components travel with the root schema so that its `#/components/...` refs resolve.
     root = {"$ref": f"#/components/schemas/{name}", "components": document()["components"]}
-    return _Validator(root)
+    return _Validator(root, format_checker=FORMATS)
 
 
 def validate(name: str, instance: Any) -> None:
@@ -52,6 +60,8 @@ def validate(name: str, instance: Any) -> None:
 
 def _message(error: ValidationError) -> str:
     field = ".".join(str(p) for p in error.absolute_path)
+    if error.validator == "format" and isinstance(error.cause, InvalidRequest):
+        return error.cause.message.replace("field 'path'", f"field '{field}'")
     if error.validator == "required":
         missing = error.message.split("'")[1]
         return f"field '{missing}' is required"
