@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Optional
 
 from flask import Flask
@@ -17,6 +18,7 @@ def create_app(settings: Optional["Settings"] = None, spawn: Optional["Spawn"] =
     *spawn* replaces how workers are started: tests use it to stay in-process.
     """
     from pg_backup_api.api import bp, register_error_handlers
+    from pg_backup_api.errors import ApiError
     from pg_backup_api.runner import spawn_worker
     from pg_backup_api.service import Service
     from pg_backup_api.settings import Settings
@@ -24,7 +26,13 @@ def create_app(settings: Optional["Settings"] = None, spawn: Optional["Spawn"] =
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES
     app.json.sort_keys = False
-    app.extensions["pg_backup_api"] = Service(settings or Settings.from_env(), spawn or spawn_worker)
+    service = Service(settings or Settings.from_env(), spawn or spawn_worker)
+    try:
+        service.reconcile_all()
+    except ApiError as exc:
+        # Logged now so a broken configuration shows at start-up; requests answer 503 until fixed.
+        logging.getLogger(__name__).error("%s", exc.message)
+    app.extensions["pg_backup_api"] = service
     app.register_blueprint(bp)
     register_error_handlers(app)
     return app

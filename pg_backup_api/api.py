@@ -52,7 +52,8 @@ def diagnose() -> Response:
 @bp.get("/servers/<server_name>/operations")
 @bp.get("/operations", defaults={"server_name": None})
 def list_operations(server_name: Optional[str]) -> Response:
-    return jsonify({"operations": _service().list_operations(server_name)})
+    # Without query parameters the answer is exactly the reference's {"operations": [...]}.
+    return jsonify(_service().list_operations(server_name, request.args.to_dict()))
 
 
 @bp.post("/servers/<server_name>/operations")
@@ -70,6 +71,19 @@ def create_operation(server_name: Optional[str]) -> Tuple[Response, int, dict]:
 @bp.get("/operations/<operation_id>", defaults={"server_name": None})
 def get_operation(server_name: Optional[str], operation_id: str) -> Response:
     return jsonify(_service().get_operation(server_name, operation_id))
+
+
+@bp.get("/servers/<server_name>/operations/<operation_id>/output")
+@bp.get("/operations/<operation_id>/output", defaults={"server_name": None})
+def operation_output(server_name: Optional[str], operation_id: str) -> Response:
+    text = _service().operation_output(server_name, operation_id)
+    return Response(text, mimetype="text/plain")
+
+
+@bp.post("/servers/<server_name>/operations/<operation_id>/cancel")
+@bp.post("/operations/<operation_id>/cancel", defaults={"server_name": None})
+def cancel_operation(server_name: Optional[str], operation_id: str) -> Response:
+    return jsonify(_service().cancel_operation(server_name, operation_id))
 
 
 def register_error_handlers(app: Flask) -> None:

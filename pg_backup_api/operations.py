@@ -25,6 +25,30 @@ class Status(str, Enum):
     FAILED = "FAILED"
 
 
+class State(str, Enum):
+    """The richer state beside `status`, in a field of its own so `status` keeps its three values."""
+
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELED = "canceled"
+    LOST = "lost"
+
+
+STATUS_OF_STATE = {State.RUNNING: Status.IN_PROGRESS, State.SUCCEEDED: Status.DONE}
+
+# Lines barman prints as a restore moves on, and the phase each one starts.
+PHASE_MARKERS = (
+    ("Starting ", "preparing"),
+    ("Copying the base backup", "copying base backup"),
+    ("Copying required WAL segments", "copying WAL"),
+    ("Generating archive status files", "finalising"),
+    ("Generating recovery configuration", "finalising"),
+    ("Identify dangerous settings", "finalising"),
+    ("Restore operation completed", "finalising"),
+)
+TAIL_LINES = 20
+
 SERVER_TYPES = (OperationType.RECOVERY, OperationType.CONFIG_SWITCH)
 INSTANCE_TYPES = (OperationType.CONFIG_UPDATE,)
 REQUEST_SCHEMAS = {
@@ -67,17 +91,57 @@ def job_document(op_type: OperationType, fields: Dict[str, Any], start: datetime
     return {**fields, "operation_type": op_type.value, "start_time": timestamp(start)}
 
 
-def status_of(record: Record) -> Status:
-    """The reference's rule: an output file means ended (DONE if it says success), else in progress."""
+def state_of(record: Record) -> State:
+    """The reference's rule underneath: no output file means running; else what the output says."""
     if record.output is None:
-        return Status.IN_PROGRESS
-    return Status.DONE if record.output.get("success") else Status.FAILED
+        return State.RUNNING
+    try:
+        return State(record.output.get("state"))
+    except ValueError:  # written by the reference, which records only `success`
+        return State.SUCCEEDED if record.output.get("success") else State.FAILED
 
 
-def describe(record: Record) -> Dict[str, Any]:
-    """The status response: the reference's two fields first, then what a client needs to act."""
+def status_of(record: Record) -> Status:
+    return STATUS_OF_STATE.get(state_of(record), Status.FAILED)
+
+
+def phase_of(progress: str) -> str:
+    phase = "preparing"
+    for line in progress.splitlines():
+        for marker, name in PHASE_MARKERS:
+            if line.startswith(marker):
+                phase = name
+    return phase
+
+
+def parse_time(value: Any) -> Optional[datetime]:
+    if not isinstance(value, str):
+        return None
+    try:
+        moment = datetime.fromisoformat(value)
+    except ValueError:
+        return None
+    # The reference wrote local times without an offset; read them as this host's local time.
+    return moment if moment.tzinfo else moment.astimezone()
+
+
+def duration(record: Record, now: datetime) -> Optional[float]:
+    start = parse_time(record.job.get("start_time"))
+    end = parse_time((record.output or {}).get("end_time")) if record.output is not None else now
+    if start is None or end is None:
+        return None
+    return round((end - start).total_seconds(), 3)
+
+
+def describe(record: Record, progress: str = "", now: Optional[datetime] = None) -> Dict[str, Any]:
+    """The status response: the reference's two fields first, then what a client needs to act.
+
+    *progress* is what barman has printed so far, used while the operation runs.
+    """
     job, out = record.job, record.output or {}
-    doc: Dict[str, Any] = {"operation_id": record.op_id, "status": status_of(record).value}
+    state = state_of(record)
+    doc: Dict[str, Any] = {"operation_id": record.op_id, "status": status_of(record).value,
+                           "state": state.value}
     op_type: Optional[str] = job.get("operation_type")
     doc["type"] = op_type
     for key in ("backup_id", "resolved_backup_id", "destination_directory", "remote_ssh_command",
@@ -86,8 +150,15 @@ def describe(record: Record) -> Dict[str, Any]:
             doc[key] = job[key]
     doc["start_time"] = job.get("start_time")
     doc["end_time"] = out.get("end_time")
-    doc["exit_code"] = out.get("exit_code")
-    doc["output"] = out.get("output") if record.output is not None else None
+    doc["duration_s"] = duration(record, now or now_utc())
+    if state is State.RUNNING:
+        doc["phase"] = phase_of(progress)
+        doc["output_tail"] = progress.splitlines()[-TAIL_LINES:]
+    else:
+        doc["exit_code"] = out.get("exit_code")
+        if out.get("reason"):
+            doc["reason"] = out["reason"]
+        doc["output"] = out.get("output")
     if op_type == OperationType.RECOVERY.value:
         doc["recovery_id"] = record.op_id
     return doc

@@ -90,7 +90,7 @@ def stop_group(pgid: int, grace: float) -> bool:
     for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
         if not group_members(pgid):
             return True
-        _signal_group(pgid, sig)
+        signal_group(pgid, sig)
         deadline = time.monotonic() + wait
         while time.monotonic() < deadline:
             if not group_members(pgid):
@@ -99,7 +99,7 @@ def stop_group(pgid: int, grace: float) -> bool:
     return not group_members(pgid)
 
 
-def _signal_group(pgid: int, sig: int) -> None:
+def signal_group(pgid: int, sig: int) -> None:
     try:
         os.killpg(pgid, sig)
     except ProcessLookupError:

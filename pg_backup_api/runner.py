@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import subprocess
 import sys
 import traceback
-from typing import Any, Dict, List
+from types import FrameType
+from typing import Any, Dict, List, Optional, Tuple
 
-from pg_backup_api import barman_adapter
+from pg_backup_api import barman_adapter, processes
 from pg_backup_api.errors import ApiError
-from pg_backup_api.operations import OperationType, now_utc, timestamp
+from pg_backup_api.operations import OperationType, State, now_utc, timestamp
 from pg_backup_api.store import OperationStore
 
 log = logging.getLogger(__name__)
@@ -36,10 +38,62 @@ def spawn_worker(op_type: OperationType, server: str, op_id: str, store: Operati
                        env=env, close_fds=True, check=True)
 
 
+class Worker:
+    """Runs one stored operation to its recorded end."""
+
+    def __init__(self, store: OperationStore, op_id: str) -> None:
+        self.store = store
+        self.op_id = op_id
+        self.child: Optional[subprocess.Popen] = None
+        self.signalled: Optional[int] = None
+
+    def _on_signal(self, signum: int, frame: Optional[FrameType]) -> None:
+        # A cancel signals the whole process group; a plain `kill PID` reaches only this
+        # process, so pass it on: barman must stop either way, and then the end is recorded.
+        self.signalled = signum
+        if self.child is not None and self.child.poll() is None:
+            self.child.send_signal(signum)
+
+    def run(self, argv: List[str]) -> Tuple[Optional[int], str]:
+        self.store.record_worker(self.op_id, processes.identity().to_json())
+        if self.store.cancel_requested(self.op_id):
+            return None, "pg-backup-api: canceled before barman started\n"
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(signum, self._on_signal)
+        log.info("operation %s: running %s", self.op_id, argv)
+        try:
+            self.child = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                          stderr=subprocess.STDOUT)
+        except OSError as exc:
+            return 127, f"pg-backup-api: cannot run {argv[0]}: {exc.strerror}\n"
+        output = []
+        assert self.child.stdout is not None
+        with open(self.store.progress_path(self.op_id), "ab") as progress:
+            for line in self.child.stdout:
+                output.append(line)
+                progress.write(line)
+                progress.flush()
+        return self.child.wait(), b"".join(output).decode("utf-8", errors="replace")
+
+    def end_state(self, exit_code: Optional[int]) -> Tuple[State, Optional[str]]:
+        if self.store.cancel_requested(self.op_id):
+            return State.CANCELED, "canceled on request"
+        if exit_code == 0:
+            return State.SUCCEEDED, None
+        if self.signalled is not None:
+            return State.FAILED, f"the worker received signal {signal.Signals(self.signalled).name}"
+        if exit_code is None:
+            return State.FAILED, "barman did not run"
+        if exit_code < 0:
+            return State.FAILED, f"barman was killed by signal {signal.Signals(-exit_code).name}"
+        return State.FAILED, f"barman exited with code {exit_code}"
+
+
 def run_recovery(barman_conf: str, server: str, op_id: str) -> int:
-    """The worker: run the recovery a job file describes and always record its end."""
+    """The worker process: run the recovery a job file describes and always record its end."""
     store = None
     job: Dict[str, Any] = {}
+    worker: Optional[Worker] = None
     output = ""
     exit_code = None
     try:
@@ -51,8 +105,8 @@ def run_recovery(barman_conf: str, server: str, op_id: str) -> int:
             barman_conf, server, job.get("resolved_backup_id") or job["backup_id"],
             job["destination_directory"], job["remote_ssh_command"],
         )
-        log.info("operation %s: running %s", op_id, argv)
-        exit_code, output = _run(argv)
+        worker = Worker(store, op_id)
+        exit_code, output = worker.run(argv)
     except ApiError as exc:
         output = f"pg-backup-api: {exc.message}\n"
     except Exception:  # the end must be recorded whatever went wrong
@@ -60,31 +114,27 @@ def run_recovery(barman_conf: str, server: str, op_id: str) -> int:
     if store is None:
         log.error("operation %s: cannot record its end: %s", op_id, output.strip())
         return 1
-    return _finish(store, op_id, job, exit_code, output)
+    state, reason = worker.end_state(exit_code) if worker else (State.FAILED, output.strip())
+    return finish(store, op_id, job, exit_code, output, state, reason)
 
 
-def _run(argv: List[str]) -> "tuple[int, str]":
-    try:
-        proc = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, check=False)
-    except OSError as exc:
-        return 127, f"pg-backup-api: cannot run {argv[0]}: {exc.strerror}\n"
-    return proc.returncode, proc.stdout.decode("utf-8", errors="replace")
-
-
-def _finish(store: OperationStore, op_id: str, job: Dict[str, Any], exit_code: "int | None",
-            output: str) -> int:
+def finish(store: OperationStore, op_id: str, job: Dict[str, Any], exit_code: Optional[int],
+           output: str, state: State, reason: Optional[str]) -> int:
+    """Write the output file (the first end recorded wins); the worker's exit status."""
     if not store.job_path(op_id).exists():
         log.error("operation %s has no job file: nothing to record. %s", op_id, output.strip())
         return 1
     result: Dict[str, Any] = {
         **job,
-        "success": exit_code == 0,
+        "success": state is State.SUCCEEDED,
         "end_time": timestamp(now_utc()),
         "output": output,
         "exit_code": exit_code,
+        "state": state.value,
     }
+    if reason:
+        result["reason"] = reason
     if not store.finish(op_id, result):
         log.warning("operation %s already had its end recorded", op_id)
-    log.info("operation %s ended with exit code %s", op_id, exit_code)
-    return 0 if exit_code == 0 else 1
+    log.info("operation %s ended: %s (exit code %s)", op_id, state.value, exit_code)
+    return 0 if state is State.SUCCEEDED else 1

@@ -1,31 +1,52 @@
-"""What the HTTP layer asks of the service: create, list and look up operations."""
+"""What the HTTP layer asks of the service: create, list, look up and cancel operations.
+
+Every read of an operation first reconciles it with the process table, so an operation
+whose worker died without recording an end is reported FAILED (state `lost`) at once,
+and its output file makes that verdict permanent.
+"""
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
+import json
 import logging
+import signal
 import threading
+import time
+from contextlib import contextmanager
+from datetime import timedelta
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, Iterator, List, Optional
 
-from pg_backup_api import barman_adapter, runner
-from pg_backup_api.errors import ApiError, InvalidRequest
+from pg_backup_api import barman_adapter, processes, runner, ssh_command
+from pg_backup_api.errors import ApiError, Conflict, InvalidRequest
+from pg_backup_api.ids import sort_key
 from pg_backup_api.operations import (
     INSTANCE_TYPES,
     SERVER_TYPES,
     OperationType,
+    State,
     describe,
     job_document,
     now_utc,
     parse_request,
-    timestamp,
+    parse_time,
+    state_of,
+    status_of,
 )
 from pg_backup_api.settings import Settings
-from pg_backup_api.store import OperationStore
+from pg_backup_api.store import OperationStore, Record, write_json_atomic
 
 log = logging.getLogger(__name__)
 
 Spawn = Callable[[OperationType, str, str, OperationStore, str], None]
 SUPPORTED_TYPES = (OperationType.RECOVERY,)
+# A worker records itself within a fraction of a second of being spawned; one that has not
+# after this long never started (the spawn failed after the job file was written).
+WORKER_START_GRACE = timedelta(seconds=60)
+PROGRESS_TAIL_BYTES = 16 * 1024
+CLAIMS_DIR = ".destinations"
 
 
 class Service:
@@ -48,11 +69,62 @@ class Service:
                 store = self._stores[root] = OperationStore(root)
             return store
 
-    def list_operations(self, server: Optional[str]) -> List[Dict[str, str]]:
-        return self._store(server).list()
+    # -- reads ---------------------------------------------------------------------------
+
+    def _reconciled(self, store: OperationStore, record: Record) -> Record:
+        """*record*, turned FAILED/lost first if its worker is gone without recording an end."""
+        if record.output is not None:
+            return record
+        worker = store.read_worker(record.op_id)
+        if worker is not None:
+            ident = processes.ProcessIdentity.from_json(worker)
+            if processes.is_alive(ident):
+                return record
+            reason = f"the worker (pid {ident.pid}) ended without recording a result"
+            # What it started may still run: stop it rather than let it write on unwatched.
+            processes.signal_group(ident.pid, signal.SIGTERM)
+        else:
+            started = parse_time(record.job.get("start_time"))
+            if started is None or now_utc() - started < WORKER_START_GRACE:
+                return record
+            reason = f"the worker did not start within {WORKER_START_GRACE.seconds} s"
+        log.warning("operation %s is lost: %s", record.op_id, reason)
+        runner.finish(store, record.op_id, record.job, None, store.read_progress(record.op_id),
+                      State.LOST, reason)
+        return store.get(record.op_id)
+
+    def reconcile_all(self) -> None:
+        """At start-up: settle operations whose workers died while the service was down."""
+        config = self.config_source.get()
+        for server in [None, *config.server_names]:
+            store = self._store(server)
+            for op_id in store.unfinished():
+                self._reconciled(store, store.get(op_id))
+
+    def list_operations(self, server: Optional[str], filters: Optional[Dict[str, str]] = None
+                        ) -> Dict[str, Any]:
+        store = self._store(server)
+        for op_id in store.unfinished():
+            self._reconciled(store, store.get(op_id))
+        operations = store.list()
+        if not filters:
+            return {"operations": operations}
+        return paged(store, operations, filters)
 
     def get_operation(self, server: Optional[str], op_id: str) -> Dict[str, Any]:
-        return describe(self._store(server).get(op_id))
+        store = self._store(server)
+        record = self._reconciled(store, store.get(op_id))
+        progress = store.read_progress(op_id, PROGRESS_TAIL_BYTES) if record.output is None else ""
+        return describe(record, progress)
+
+    def operation_output(self, server: Optional[str], op_id: str) -> str:
+        store = self._store(server)
+        record = self._reconciled(store, store.get(op_id))
+        if record.output is not None and isinstance(record.output.get("output"), str):
+            return record.output["output"]
+        return store.read_progress(op_id)
+
+    # -- changes -------------------------------------------------------------------------
 
     def create_operation(self, server: Optional[str], body: Any) -> str:
         store = self._store(server)
@@ -63,6 +135,17 @@ class Service:
             server_config = self.config_source.get().server(server)
             fields["resolved_backup_id"] = barman_adapter.resolve_backup(
                 server_config, fields["backup_id"]).backup_id
+            target = ssh_command.parse(fields["remote_ssh_command"])
+            with self._destination_claim(server, target.key, fields["destination_directory"]) as claim:
+                op_id = self._store_and_spawn(store, op_type, server, fields)
+                claim(op_id)
+        else:
+            op_id = self._store_and_spawn(store, op_type, server, fields)
+        log.info("operation %s (%s) accepted for %s", op_id, op_type.value, server or "the instance")
+        return op_id
+
+    def _store_and_spawn(self, store: OperationStore, op_type: OperationType, server: Optional[str],
+                         fields: Dict[str, Any]) -> str:
         start = now_utc()
         op_id = store.create(job_document(op_type, fields, start), start)
         try:
@@ -70,12 +153,101 @@ class Service:
         except Exception as exc:
             # The job file exists already: record the failure so it never reads IN_PROGRESS.
             log.exception("operation %s: cannot start its worker", op_id)
-            store.finish(op_id, {**store.get(op_id).job, "success": False, "exit_code": None,
-                                 "end_time": timestamp(now_utc()),
-                                 "output": f"pg-backup-api: cannot start the worker: {exc}\n"})
+            runner.finish(store, op_id, store.get(op_id).job, None, "", State.FAILED,
+                          f"cannot start the worker: {exc}")
             raise ApiError(f"operation {op_id} was stored but its worker could not start: {exc}") from exc
-        log.info("operation %s (%s) accepted for %s", op_id, op_type.value, server or "the instance")
         return op_id
+
+    @contextmanager
+    def _destination_claim(self, server: Optional[str], host_key: str, destination: str
+                           ) -> Iterator[Callable[[str], None]]:
+        """One recovery at a time into a (host, directory): checked and claimed under one lock.
+
+        The lock is an flock on a file under Barman's home, so it holds across threads,
+        gunicorn workers and service instances alike.
+        """
+        claims = self.config_source.get().barman_home / "jobs" / CLAIMS_DIR
+        claims.mkdir(parents=True, exist_ok=True)
+        digest = hashlib.sha256(f"{host_key}\0{destination}".encode()).hexdigest()[:32]
+        claim_path = claims / f"{digest}.claim"
+        with open(claims / ".lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            holder = self._claim_holder(claim_path)
+            if holder is not None:
+                raise Conflict(
+                    f"a recovery into {destination} on {host_key} is already running: operation "
+                    f"'{holder['operation_id']}' of server '{holder['server']}'; wait for it or cancel it")
+
+            def claim(op_id: str) -> None:
+                write_json_atomic(claim_path, {"server": server, "operation_id": op_id,
+                                               "host": host_key, "destination_directory": destination},
+                                  exclusive=False)
+            yield claim
+
+    def _claim_holder(self, claim_path: Path) -> Optional[Dict[str, Any]]:
+        """The claim in *claim_path* if its operation still runs, else None."""
+        try:
+            holder = json.loads(claim_path.read_text())
+            store = self._store(holder["server"])
+            record = self._reconciled(store, store.get(holder["operation_id"]))
+        except (OSError, ValueError, KeyError, ApiError):
+            return None  # no claim, or one whose operation or server is gone
+        return holder if record.output is None else None
+
+    def cancel_operation(self, server: Optional[str], op_id: str) -> Dict[str, Any]:
+        """Stop a running operation and everything it started; 409 once it has ended."""
+        store = self._store(server)
+        record = self._reconciled(store, store.get(op_id))
+        if record.output is not None:
+            raise Conflict(f"operation '{op_id}' has already ended (state {state_of(record).value})")
+        store.request_cancel(op_id, {"requested_at": now_utc().isoformat()})
+        worker = store.read_worker(op_id)
+        if worker is not None:
+            pgid = processes.ProcessIdentity.from_json(worker).pid
+            if not processes.stop_group(pgid, self.settings.cancel_grace):
+                log.error("operation %s: processes of group %s survived SIGKILL", op_id, pgid)
+            # The worker records `canceled` itself once barman is gone; give it a moment.
+            deadline = time.monotonic() + 5
+            while store.read_output(op_id) is None and time.monotonic() < deadline:
+                time.sleep(0.05)
+        runner.finish(store, op_id, record.job, None, store.read_progress(op_id), State.CANCELED,
+                      "canceled on request")
+        return describe(store.get(op_id))
 
     def diagnose(self) -> Dict[str, Any]:
         return barman_adapter.diagnose(self.config_source.get().path)
+
+
+def paged(store: OperationStore, operations: List[Dict[str, str]], filters: Dict[str, str]) -> Dict[str, Any]:
+    """Filter by `status` and `type`, then return at most `limit` after the cursor `after`."""
+    wanted_status = filters.get("status")
+    wanted_type = filters.get("type")
+    after = filters.get("after")
+    limit = filters.get("limit")
+    if wanted_status is not None and wanted_status not in ("IN_PROGRESS", "DONE", "FAILED"):
+        raise InvalidRequest("query parameter 'status' must be one of IN_PROGRESS, DONE, FAILED")
+    if limit is not None and (not limit.isdigit() or not 1 <= int(limit) <= 10000):
+        raise InvalidRequest("query parameter 'limit' must be an integer from 1 to 10000")
+    unknown = set(filters) - {"status", "type", "after", "limit"}
+    if unknown:
+        raise InvalidRequest(f"unknown query parameter(s): {', '.join(sorted(unknown))}")
+    selected = []
+    for op in operations:
+        if after is not None and sort_key(op["id"]) <= sort_key(after):
+            continue
+        if wanted_type is not None and op["type"] != wanted_type:
+            continue
+        if wanted_status is not None and _status(store, op["id"]) != wanted_status:
+            continue
+        selected.append(op)
+        if limit is not None and len(selected) > int(limit):
+            break
+    result: Dict[str, Any] = {"operations": selected[:int(limit)] if limit else selected}
+    if limit is not None and len(selected) > int(limit):
+        result["next"] = selected[int(limit) - 1]["id"]
+    return result
+
+
+def _status(store: OperationStore, op_id: str) -> str:
+    return status_of(Record(op_id, {}, store.end_summary(op_id))).value
+

@@ -19,6 +19,7 @@ class Settings:
     barman_conf: str = DEFAULT_BARMAN_CONF
     port: int = DEFAULT_PORT
     log_level: str = "INFO"
+    cancel_grace: float = 10.0  # seconds between SIGTERM and SIGKILL when canceling
 
     @classmethod
     def from_env(cls, environ: Optional[Mapping[str, str]] = None) -> "Settings":
@@ -30,7 +31,21 @@ class Settings:
             barman_conf=env.get("PG_BACKUP_API_BARMAN_CONF") or DEFAULT_BARMAN_CONF,
             port=int(port),
             log_level=env.get("PG_BACKUP_API_LOG_LEVEL", "INFO").upper(),
+            cancel_grace=_number(env, "PG_BACKUP_API_CANCEL_GRACE", 10.0),
         )
+
+
+def _number(env: Mapping[str, str], name: str, default: float) -> float:
+    raw = env.get(name)
+    if raw is None:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ValueError(f"{name} must be a number of seconds, not {raw!r}") from None
+    if value < 0:
+        raise ValueError(f"{name} must not be negative")
+    return value
 
 
 def setup_logging(level: str) -> None:

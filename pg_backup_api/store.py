@@ -26,7 +26,12 @@ log = logging.getLogger(__name__)
 
 JOBS_DIR = "jobs"
 OUTPUT_DIR = "output"
-WORKER_LOG_SUFFIX = ".log"
+# Beside each job file, none ending in .json so that the reference's listing ignores them:
+WORKER_LOG_SUFFIX = ".log"  # the worker's own log (its stderr)
+PROGRESS_SUFFIX = ".out"  # what barman has printed so far
+WORKER_SUFFIX = ".worker"  # who the worker is: pid, start time, boot id
+CANCEL_SUFFIX = ".cancel"  # a cancellation was asked for
+SIDE_SUFFIXES = (WORKER_LOG_SUFFIX, PROGRESS_SUFFIX, WORKER_SUFFIX, CANCEL_SUFFIX)
 
 
 def write_json_atomic(path: Path, data: Dict[str, Any], exclusive: bool) -> None:
@@ -88,6 +93,8 @@ class OperationStore:
         # Job files are write-once, so a type parsed once is valid for as long as the
         # file exists: listing then reads only the files it has not seen before.
         self._types: Dict[str, str] = {}
+        # Output files are write-once too: how an operation ended never changes.
+        self._ends: Dict[str, Dict[str, Any]] = {}
         self._lock = threading.Lock()
 
     def job_path(self, op_id: str) -> Path:
@@ -98,6 +105,15 @@ class OperationStore:
 
     def log_path(self, op_id: str) -> Path:
         return self.jobs_dir / f"{self._checked(op_id)}{WORKER_LOG_SUFFIX}"
+
+    def progress_path(self, op_id: str) -> Path:
+        return self.jobs_dir / f"{self._checked(op_id)}{PROGRESS_SUFFIX}"
+
+    def worker_path(self, op_id: str) -> Path:
+        return self.jobs_dir / f"{self._checked(op_id)}{WORKER_SUFFIX}"
+
+    def cancel_path(self, op_id: str) -> Path:
+        return self.jobs_dir / f"{self._checked(op_id)}{CANCEL_SUFFIX}"
 
     @staticmethod
     def _checked(op_id: str) -> str:
@@ -140,6 +156,65 @@ class OperationStore:
             return None
         except (OSError, ValueError) as exc:
             raise ApiError(f"the output file of operation '{op_id}' cannot be read: {exc}") from None
+
+    def record_worker(self, op_id: str, identity: Dict[str, Any]) -> None:
+        write_json_atomic(self.worker_path(op_id), identity, exclusive=False)
+
+    def read_worker(self, op_id: str) -> Optional[Dict[str, Any]]:
+        try:
+            return _read_json(self.worker_path(op_id))
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as exc:
+            log.warning("unreadable worker record of %s: %s", op_id, exc)
+            return None
+
+    def request_cancel(self, op_id: str, request: Dict[str, Any]) -> None:
+        try:
+            write_json_atomic(self.cancel_path(op_id), request, exclusive=True)
+        except FileExistsError:
+            pass  # asked twice: the first request stands
+
+    def cancel_requested(self, op_id: str) -> bool:
+        return self.cancel_path(op_id).exists()
+
+    def read_progress(self, op_id: str, max_bytes: Optional[int] = None) -> str:
+        """What barman printed so far; with *max_bytes*, only the end of it."""
+        try:
+            with open(self.progress_path(op_id), "rb") as f:
+                if max_bytes is not None:
+                    f.seek(max(0, os.fstat(f.fileno()).st_size - max_bytes))
+                return f.read().decode("utf-8", errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def unfinished(self) -> List[str]:
+        """Ids that have a job file and no output file yet."""
+        try:
+            ended = {n[:-5] for n in os.listdir(self.output_dir) if n.endswith(".json")}
+        except FileNotFoundError:
+            ended = set()
+        return [o["id"] for o in self.list() if o["id"] not in ended]
+
+    def remove(self, op_id: str) -> None:
+        """Forget an operation: its job file first, so it never looks in progress meanwhile."""
+        for path in [self.job_path(op_id), self.output_path(op_id),
+                     *(self.jobs_dir / f"{op_id}{suffix}" for suffix in SIDE_SUFFIXES)]:
+            try:
+                path.unlink()
+            except FileNotFoundError:
+                pass
+
+    def end_summary(self, op_id: str) -> Optional[Dict[str, Any]]:
+        """`success` and `state` of an ended operation (cached), None while it runs."""
+        summary = self._ends.get(op_id)
+        if summary is None:
+            output = self.read_output(op_id)
+            if output is None:
+                return None
+            summary = {k: output[k] for k in ("success", "state") if k in output}
+            self._ends[op_id] = summary
+        return summary
 
     def finish(self, op_id: str, result: Dict[str, Any]) -> bool:
         """Record how the operation ended; False if an end was already recorded (the first wins)."""

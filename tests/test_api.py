@@ -57,19 +57,40 @@ def test_the_legacy_dialect_is_accepted(client):
     assert post(client, {"operation_type": "recover", **body}).status_code == 202
 
 
-def test_concurrent_posts_in_the_same_second_all_succeed_with_distinct_ids(app):
+def post_concurrently(app, bodies):
     results = []
 
-    def worker():
-        results.append(post(app.test_client(), BODY))
+    def worker(body):
+        results.append(post(app.test_client(), body))
 
-    threads = [threading.Thread(target=worker) for _ in range(20)]
+    threads = [threading.Thread(target=worker, args=(body,)) for body in bodies]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
+    return results
+
+
+def test_concurrent_posts_in_the_same_second_all_succeed_with_distinct_ids(app):
+    results = post_concurrently(app, [{**BODY, "destination_directory": f"/srv/pg/r{i}"} for i in range(20)])
     assert [r.status_code for r in results] == [202] * 20
     assert len({r.json["operation_id"] for r in results}) == 20
+
+
+def test_one_recovery_per_destination_even_under_a_hundred_concurrent_posts(app):
+    results = post_concurrently(app, [BODY] * 100)
+    codes = sorted(r.status_code for r in results)
+    assert codes == [202] + [409] * 99
+    winner = next(r.json["operation_id"] for r in results if r.status_code == 202)
+    conflict = next(r.json["error"] for r in results if r.status_code == 409)
+    assert winner in conflict
+
+
+def test_the_same_directory_on_another_host_is_another_destination(client):
+    assert post(client, BODY).status_code == 202
+    assert post(client, {**BODY, "remote_ssh_command": "ssh postgres@db3"}).status_code == 202
+    assert post(client, {**BODY, "remote_ssh_command": "ssh -p 2222 postgres@db2"}).status_code == 202
+    assert post(client, {**BODY, "remote_ssh_command": "ssh -l other db2"}).status_code == 409
 
 
 @pytest.mark.parametrize("backup_id, resolved", [
@@ -154,7 +175,8 @@ def test_a_worker_that_cannot_start_leaves_a_failed_operation_not_a_lost_one(cli
     [op] = client.get("/servers/pg/operations").json["operations"]
     status = client.get(f"/servers/pg/operations/{op['id']}").json
     assert status["status"] == "FAILED"
-    assert "cannot start the worker" in status["output"]
+    assert status["state"] == "failed"
+    assert "cannot start the worker" in status["reason"]
 
 
 def test_a_broken_configuration_is_a_json_503_not_a_crash(client, barman_files):
