@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from datetime import timedelta
 from typing import List, Optional
 
 from pg_backup_api.settings import DEFAULT_PORT, LOOPBACK, Settings, setup_logging
@@ -43,6 +44,35 @@ def _recovery(args: argparse.Namespace, settings: Settings) -> int:
     return run_recovery(settings.barman_conf, args.server_name, args.operation_id)
 
 
+DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def duration(text: str) -> timedelta:
+    """`30d`, `12h`, `90m`, `2w` or a number of seconds."""
+    unit = text[-1:] if text[-1:] in DURATION_UNITS else "s"
+    number = text[:-1] if text[-1:] in DURATION_UNITS else text
+    if not number.isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r} is not a duration such as 30d, 12h, 90m or 2w")
+    return timedelta(seconds=int(number) * DURATION_UNITS[unit])
+
+
+def _prune(args: argparse.Namespace, settings: Settings) -> int:
+    from pg_backup_api.errors import ApiError
+    from pg_backup_api.service import Service
+
+    try:
+        removed = Service(settings).prune(args.older_than, args.dry_run, args.server)
+    except ApiError as exc:
+        print(f"pg-backup-api prune: {exc.message}", file=sys.stderr)
+        return 1
+    verb = "would remove" if args.dry_run else "removed"
+    for op in removed:
+        where = op["server"] or "(instance)"
+        print(f"{verb} {where} {op['operation_id']} {op['type']} {op['status']} ended {op['end_time']}")
+    print(f"{len(removed)} operation(s) {verb}; running operations are never removed")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pg-backup-api", description="A REST API for Barman.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -54,6 +84,13 @@ def build_parser() -> argparse.ArgumentParser:
     status = commands.add_parser("status", help="check that the service answers")
     status.add_argument("--port", type=int, default=None, help=f"TCP port (default {DEFAULT_PORT})")
     status.set_defaults(func=_status)
+
+    prune = commands.add_parser("prune", help="remove the files of operations that ended long ago")
+    prune.add_argument("--older-than", type=duration, required=True, metavar="AGE",
+                       help="ended more than AGE ago: 30d, 12h, 90m, 2w")
+    prune.add_argument("--dry-run", action="store_true", help="only say what would be removed")
+    prune.add_argument("--server", help="only this Barman server's operations")
+    prune.set_defaults(func=_prune)
 
     recovery = commands.add_parser("recovery", help="worker: run a stored recovery operation")
     recovery.add_argument("--server-name", required=True)

@@ -214,6 +214,27 @@ class Service:
                       "canceled on request")
         return describe(store.get(op_id))
 
+    def prune(self, older_than: timedelta, dry_run: bool, server: Optional[str] = None
+              ) -> List[Dict[str, Any]]:
+        """Remove the files of operations that ended more than *older_than* ago; never running ones."""
+        config = self.config_source.get()
+        servers: List[Optional[str]] = [server] if server else [None, *config.server_names]
+        cutoff = now_utc() - older_than
+        removed = []
+        for name in servers:
+            store = self._store(name)
+            for op in store.list():
+                output = store.read_output(op["id"])
+                ended = parse_time(output.get("end_time")) if output else None
+                if ended is None or ended >= cutoff:
+                    continue
+                if not dry_run:
+                    store.remove(op["id"])
+                removed.append({"server": name, "operation_id": op["id"], "type": op["type"],
+                                "end_time": output.get("end_time"),
+                                "status": status_of(Record(op["id"], {}, output)).value})
+        return removed
+
     def diagnose(self) -> Dict[str, Any]:
         return barman_adapter.diagnose(self.config_source.get().path)
 
