@@ -12,8 +12,5 @@ setup(
     python_requires=">=3.9",
     install_requires=["flask>=2.2", "requests>=2.28", "barman>=3.0", "jsonschema>=4.17"],
     entry_points={"console_scripts": ["pg-backup-api = pg_backup_api.cli:main"]},
-    classifiers=[
-        "License :: OSI Approved :: GNU General Public License v3 or later (GPLv3+)",
-        "Programming Language :: Python :: 3",
-    ],
+    classifiers=["Programming Language :: Python :: 3"],
 )
