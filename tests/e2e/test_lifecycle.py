@@ -1,0 +1,148 @@
+"""Operations survive, stop and report truthfully on the real stack (PostgreSQL, Barman, sshd)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from pg_backup_api import processes
+
+from .conftest import Service
+
+pytestmark = pytest.mark.e2e
+
+UNREACHABLE = "ssh -p 1 -o ConnectTimeout=5 postgres@127.0.0.1"
+
+
+def post_recovery(service, sandbox, destination, ssh_command=None):
+    body = {"type": "recovery", "backup_id": "latest", "destination_directory": destination,
+            "remote_ssh_command": ssh_command or sandbox["SSH_COMMAND"]}
+    return service.post(f"/servers/{sandbox['BARMAN_SERVER']}/operations", json=body)
+
+
+def wait_for(predicate, timeout=60.0, interval=0.05):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError("condition not met in time")
+
+
+def jobs_dir(sandbox) -> Path:
+    return Path(sandbox["BARMAN_HOME"]) / sandbox["BARMAN_SERVER"] / "jobs"
+
+
+def worker_pid(sandbox, op_id) -> int:
+    path = jobs_dir(sandbox) / f"{op_id}.worker"
+    wait_for(path.exists)
+    return json.loads(path.read_text())["pid"]
+
+
+def command_names(pids):
+    names = []
+    for pid in pids:
+        try:
+            names.append(Path(f"/proc/{pid}/comm").read_text().strip())
+        except OSError:
+            pass
+    return names
+
+
+def copying(pgid):
+    """True once barman has started copying over ssh (an rsync or ssh process in the group)."""
+    names = command_names(processes.group_members(pgid))
+    return any(n in ("rsync", "ssh") for n in names)
+
+
+def test_a_worker_killed_mid_recovery_is_failed_lost_on_the_next_get(sandbox, service):
+    op_id = post_recovery(service, sandbox, sandbox.restore_dir("e2e-kill9")).json()["operation_id"]
+    pid = worker_pid(sandbox, op_id)
+    wait_for(lambda: copying(pid))
+    ident = processes.identity(pid)
+    os.kill(pid, signal.SIGKILL)
+    wait_for(lambda: not processes.is_alive(ident), timeout=10)  # SIGKILL lands asynchronously
+    status = service.get(f"/servers/{sandbox['BARMAN_SERVER']}/operations/{op_id}").json()
+    assert (status["status"], status["state"]) == ("FAILED", "lost")
+    assert f"pid {pid}" in status["reason"]
+    wait_for(lambda: processes.group_members(pid) == [], timeout=30)
+
+
+def test_cancel_mid_recovery_leaves_no_barman_rsync_or_ssh_behind(sandbox, service):
+    server = sandbox["BARMAN_SERVER"]
+    destination = sandbox.restore_dir("e2e-cancel")
+    op_id = post_recovery(service, sandbox, destination).json()["operation_id"]
+    pid = worker_pid(sandbox, op_id)
+    wait_for(lambda: copying(pid))
+    response = service.post(f"/servers/{server}/operations/{op_id}/cancel")
+    assert response.status_code == 200, response.text
+    assert (response.json()["status"], response.json()["state"]) == ("FAILED", "canceled")
+    assert processes.group_members(pid) == []
+    leftovers = subprocess.run(["pgrep", "-af", destination], capture_output=True, text=True).stdout
+    assert leftovers == ""
+    again = service.post(f"/servers/{server}/operations/{op_id}/cancel")
+    assert again.status_code == 409
+    assert "already ended" in again.json()["error"]
+
+
+def test_a_second_recovery_into_the_same_destination_is_409_until_the_first_ends(sandbox, service):
+    server = sandbox["BARMAN_SERVER"]
+    destination = sandbox.restore_dir("e2e-busy")
+    first = post_recovery(service, sandbox, destination).json()["operation_id"]
+    second = post_recovery(service, sandbox, destination)
+    assert second.status_code == 409
+    assert first in second.json()["error"]
+    elsewhere = post_recovery(service, sandbox, sandbox.restore_dir("e2e-busy-other"), UNREACHABLE)
+    assert elsewhere.status_code == 202
+    service.post(f"/servers/{server}/operations/{first}/cancel")
+    freed = post_recovery(service, sandbox, destination, UNREACHABLE)
+    assert freed.status_code == 202
+    service.wait_until_ended(server, freed.json()["operation_id"])
+
+
+@pytest.mark.parametrize("stop_signal", [signal.SIGINT, signal.SIGTERM])
+def test_a_recovery_survives_a_restart_of_the_service(sandbox, stop_signal):
+    server = sandbox["BARMAN_SERVER"]
+    destination = sandbox.restore_dir(f"e2e-restart-{stop_signal.name.lower()}")
+    first = Service(sandbox).start()
+    try:
+        op_id = post_recovery(first, sandbox, destination).json()["operation_id"]
+        wait_for(lambda: copying(worker_pid(sandbox, op_id)))
+    finally:
+        first.stop(stop_signal)  # Ctrl-C on `serve` is a SIGINT to its process group
+    assert first.proc.returncode is not None
+    second = Service(sandbox).start()
+    try:
+        status = second.wait_until_ended(server, op_id)
+    finally:
+        second.stop()
+    assert (status["status"], status["state"]) == ("DONE", "succeeded"), status.get("output")
+    port = sandbox.start_copy(destination)
+    try:
+        assert sandbox.psql(port, sandbox["ROWS_QUERY"]) == sandbox["ROWS_CHECK"]
+    finally:
+        sandbox.stop_copy(destination)
+
+
+def test_no_zombie_is_left_after_twenty_operations(sandbox, service):
+    server = sandbox["BARMAN_SERVER"]
+    ids = [post_recovery(service, sandbox, sandbox.restore_dir(f"e2e-zombie-{i}"), UNREACHABLE).json()
+           ["operation_id"] for i in range(20)]
+    for op_id in ids:
+        assert service.wait_until_ended(server, op_id)["status"] == "FAILED"
+    service_pids = {service.proc.pid, *map(int, subprocess.run(
+        ["pgrep", "-g", str(service.proc.pid)], capture_output=True, text=True).stdout.split())}
+    table = subprocess.run(["ps", "-eo", "pid=,ppid=,stat="], capture_output=True, text=True).stdout
+    zombies = [line for line in table.splitlines()
+               if line.split()[2].startswith("Z") and int(line.split()[1]) in service_pids]
+    assert zombies == []
+    for op_id in ids:  # a worker exits right after recording its end
+        pid = worker_pid(sandbox, op_id)
+        wait_for(lambda pid=pid: processes.group_members(pid) == [], timeout=10)
