@@ -9,8 +9,6 @@ from flask import Flask
 
 __version__ = "0.1.0"
 
-MAX_BODY_BYTES = 64 * 1024
-
 
 def create_app(settings: Optional["Settings"] = None, spawn: Optional["Spawn"] = None) -> Flask:  # noqa: F821
     """The application factory; *settings* default to the PG_BACKUP_API_* environment.
@@ -23,10 +21,11 @@ def create_app(settings: Optional["Settings"] = None, spawn: Optional["Spawn"] =
     from pg_backup_api.service import Service
     from pg_backup_api.settings import Settings
 
+    settings = settings or Settings.from_env()
     app = Flask(__name__)
-    app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES
+    app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     app.json.sort_keys = False
-    service = Service(settings or Settings.from_env(), spawn or spawn_worker)
+    service = Service(settings, spawn or spawn_worker)
     try:
         service.reconcile_all()
     except ApiError as exc:

@@ -6,11 +6,13 @@ import json
 import logging
 from typing import Any, Optional, Tuple
 
-from flask import Blueprint, Flask, Response, current_app, jsonify, request, url_for
+from flask import Blueprint, Flask, Response, current_app, g, jsonify, request, url_for
 from werkzeug.exceptions import HTTPException
 
-from pg_backup_api import schema
+from pg_backup_api import audit, schema
+from pg_backup_api.auth import Forbidden, allows
 from pg_backup_api.errors import ApiError, InvalidRequest
+from pg_backup_api.operations import ADMIN_TYPES, now_utc, timestamp
 from pg_backup_api.service import Service
 
 log = logging.getLogger(__name__)
@@ -20,6 +22,17 @@ bp = Blueprint("api", __name__)
 
 def _service() -> Service:
     return current_app.extensions["pg_backup_api"]
+
+
+def _requester() -> Optional[str]:
+    """Who asked, as recorded in the job file: the token's name or the verified certificate subject."""
+    if g.get("token") is not None:
+        return f"token:{g.token.name}"
+    if request.remote_addr in _service().settings.trusted_proxies:
+        subject = request.headers.get(CLIENT_CERT_HEADER)
+        if subject:
+            return f"cert:{subject}"
+    return None
 
 
 def _json_body() -> Any:
@@ -32,6 +45,53 @@ def _json_body() -> Any:
         return json.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:
         raise InvalidRequest(f"the request body is not valid JSON: {exc}") from None
+
+
+CLIENT_CERT_HEADER = "X-Client-Cert-Subject"
+OPEN_ENDPOINTS = ("api.status",)
+
+
+@bp.before_request
+def authenticate() -> None:
+    """With `auth = token`, every endpoint but /status needs a token: GET `read`, POST `operate`."""
+    g.token = None
+    service = _service()
+    if service.settings.auth == "token" and request.endpoint not in OPEN_ENDPOINTS:
+        needed = "read" if request.method in ("GET", "HEAD") else "operate"
+        g.token = service.tokens.check(request.headers.get("Authorization"), needed)
+
+
+def _require_admin_for(body: Any) -> None:
+    """Config operations change Barman's configuration: they need an `admin` token."""
+    if g.get("token") is not None and isinstance(body, dict) and body.get("type") in ADMIN_TYPES \
+            and not allows(g.token.scope, "admin"):
+        raise Forbidden(f"token '{g.token.name}' has scope '{g.token.scope}'; {body['type']} needs 'admin'")
+
+
+@bp.after_request
+def record_audit(response: Response) -> Response:
+    if request.method in ("GET", "HEAD", "OPTIONS"):
+        return response
+    service = _service()
+    entry: dict = {"time": timestamp(now_utc()), "remote_addr": request.remote_addr}
+    if g.get("token") is not None:
+        entry["token"] = g.token.name
+    # Only a proxy on the trusted list can vouch for the client certificate it verified.
+    if request.remote_addr in service.settings.trusted_proxies and request.headers.get(CLIENT_CERT_HEADER):
+        entry["client_cert_subject"] = request.headers[CLIENT_CERT_HEADER]
+    entry.update(method=request.method, path=request.path, status=response.status_code)
+    body = response.get_json(silent=True) if response.is_json else None
+    op_id = (request.view_args or {}).get("operation_id")
+    if isinstance(body, dict):
+        op_id = body.get("operation_id") or op_id
+        if "error" in body:
+            entry["error"] = body["error"]
+    if op_id:
+        entry["operation_id"] = op_id
+    path = service.audit_log_path()
+    if path is not None:
+        audit.append(path, entry)
+    return response
 
 
 @bp.get("/status")
@@ -59,7 +119,9 @@ def list_operations(server_name: Optional[str]) -> Response:
 @bp.post("/servers/<server_name>/operations")
 @bp.post("/operations", defaults={"server_name": None})
 def create_operation(server_name: Optional[str]) -> Tuple[Response, int, dict]:
-    op_id = _service().create_operation(server_name, _json_body())
+    body = _json_body()
+    _require_admin_for(body)
+    op_id = _service().create_operation(server_name, body, _requester())
     if server_name is None:
         location = url_for("api.get_operation", operation_id=op_id)
     else:
@@ -93,7 +155,10 @@ def register_error_handlers(app: Flask) -> None:
     def api_error(exc: ApiError) -> Tuple[Response, int]:
         if exc.status >= 500:
             log.error("%s %s: %s", request.method, request.path, exc.message)
-        return jsonify({"error": exc.message}), exc.status
+        response = jsonify({"error": exc.message})
+        if exc.status == 401:
+            response.headers["WWW-Authenticate"] = 'Bearer realm="pg-backup-api"'
+        return response, exc.status
 
     @app.errorhandler(HTTPException)
     def http_error(exc: HTTPException) -> Tuple[Response, int]:

@@ -73,6 +73,30 @@ def _prune(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def _token(args: argparse.Namespace, settings: Settings) -> int:
+    from pg_backup_api.auth import TokenFile
+
+    tokens = TokenFile(settings.tokens_file)
+    try:
+        if args.action == "create":
+            secret = tokens.create(args.name, args.scope)
+            print(secret)
+            print(f"token '{args.name}' (scope {args.scope}) added to {settings.tokens_file}; "
+                  "this is the only time it is shown", file=sys.stderr)
+        elif args.action == "revoke":
+            if not tokens.revoke(args.name):
+                print(f"no token named '{args.name}'", file=sys.stderr)
+                return 1
+            print(f"token '{args.name}' revoked")
+        else:
+            for token in tokens.list():
+                print(f"{token.name}\t{token.scope}\t{token.created}")
+    except (ValueError, OSError) as exc:
+        print(f"pg-backup-api token: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pg-backup-api", description="A REST API for Barman.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -91,6 +115,16 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--dry-run", action="store_true", help="only say what would be removed")
     prune.add_argument("--server", help="only this Barman server's operations")
     prune.set_defaults(func=_prune)
+
+    token = commands.add_parser("token", help="manage API tokens (used when auth = token)")
+    token_actions = token.add_subparsers(dest="action", required=True, metavar="ACTION")
+    create = token_actions.add_parser("create", help="add a token and print it once")
+    create.add_argument("name")
+    create.add_argument("--scope", choices=("read", "operate", "admin"), required=True)
+    revoke = token_actions.add_parser("revoke", help="remove a token")
+    revoke.add_argument("name")
+    token_actions.add_parser("list", help="names, scopes and creation times")
+    token.set_defaults(func=_token)
 
     recovery = commands.add_parser("recovery", help="worker: run a stored recovery operation")
     recovery.add_argument("--server-name", required=True)

@@ -51,6 +51,7 @@ TAIL_LINES = 20
 
 SERVER_TYPES = (OperationType.RECOVERY, OperationType.CONFIG_SWITCH)
 INSTANCE_TYPES = (OperationType.CONFIG_UPDATE,)
+ADMIN_TYPES = (OperationType.CONFIG_SWITCH.value, OperationType.CONFIG_UPDATE.value)
 REQUEST_SCHEMAS = {
     OperationType.RECOVERY: "RecoveryRequest",
     OperationType.CONFIG_SWITCH: "ConfigSwitchRequest",
@@ -145,7 +146,7 @@ def describe(record: Record, progress: str = "", now: Optional[datetime] = None)
     op_type: Optional[str] = job.get("operation_type")
     doc["type"] = op_type
     for key in ("backup_id", "resolved_backup_id", "destination_directory", "remote_ssh_command",
-                "model_name", "reset", "changes"):
+                "model_name", "reset", "changes", "requested_by"):
         if key in job:
             doc[key] = job[key]
     doc["start_time"] = job.get("start_time")

@@ -19,8 +19,8 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional
 
-from pg_backup_api import barman_adapter, processes, runner, ssh_command
-from pg_backup_api.errors import ApiError, Conflict, InvalidRequest
+from pg_backup_api import auth, barman_adapter, processes, runner, ssh_command
+from pg_backup_api.errors import ApiError, Conflict, InvalidRequest, Unprocessable
 from pg_backup_api.ids import sort_key
 from pg_backup_api.operations import (
     INSTANCE_TYPES,
@@ -56,6 +56,7 @@ class Service:
         self._spawn = spawn
         self._stores: Dict[Path, OperationStore] = {}
         self._stores_lock = threading.Lock()
+        self.tokens = auth.TokenFile(settings.tokens_file)
 
     def _store(self, server: Optional[str]) -> OperationStore:
         config = self.config_source.get()
@@ -126,9 +127,19 @@ class Service:
 
     # -- changes -------------------------------------------------------------------------
 
-    def create_operation(self, server: Optional[str], body: Any) -> str:
+    def audit_log_path(self) -> Optional[Path]:
+        if self.settings.audit_log:
+            return Path(self.settings.audit_log)
+        try:
+            return self.config_source.get().barman_home / "pg-backup-api-audit.log"
+        except ApiError:
+            return None
+
+    def create_operation(self, server: Optional[str], body: Any, requester: Optional[str] = None) -> str:
         store = self._store(server)
         op_type, fields = parse_request(body, SERVER_TYPES if server else INSTANCE_TYPES)
+        if requester:
+            fields["requested_by"] = requester
         if op_type not in SUPPORTED_TYPES:
             raise InvalidRequest(f"operation type '{op_type.value}' is not supported yet")
         if op_type is OperationType.RECOVERY:
@@ -136,6 +147,7 @@ class Service:
             fields["resolved_backup_id"] = barman_adapter.resolve_backup(
                 server_config, fields["backup_id"]).backup_id
             target = ssh_command.parse(fields["remote_ssh_command"])
+            self._check_policy(server, target, fields["destination_directory"])
             with self._destination_claim(server, target.key, fields["destination_directory"]) as claim:
                 op_id = self._store_and_spawn(store, op_type, server, fields)
                 claim(op_id)
@@ -143,6 +155,20 @@ class Service:
             op_id = self._store_and_spawn(store, op_type, server, fields)
         log.info("operation %s (%s) accepted for %s", op_id, op_type.value, server or "the instance")
         return op_id
+
+    def _check_policy(self, server: str, target: ssh_command.SshTarget, destination: str) -> None:
+        """The optional per-server allowlists of the service's configuration."""
+        policy = self.settings.policy(server)
+        if policy.allowed_hosts and target.host.lower() not in {h.lower() for h in policy.allowed_hosts}:
+            raise Unprocessable(
+                f"field 'remote_ssh_command': host '{target.host}' is not an allowed recovery target of "
+                f"server '{server}' (allowed: {', '.join(policy.allowed_hosts)})")
+        if policy.allowed_destinations and not any(
+                destination == p.rstrip("/") or destination.startswith(p.rstrip("/") + "/")
+                for p in policy.allowed_destinations):
+            raise Unprocessable(
+                f"field 'destination_directory': {destination} is not under an allowed destination of "
+                f"server '{server}' (allowed: {', '.join(policy.allowed_destinations)})")
 
     def _store_and_spawn(self, store: OperationStore, op_type: OperationType, server: Optional[str],
                          fields: Dict[str, Any]) -> str:

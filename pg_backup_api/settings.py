@@ -1,50 +1,132 @@
-"""Service settings: defaults overridden by PG_BACKUP_API_* environment variables."""
+"""Service settings: defaults, then the service's own INI file, then PG_BACKUP_API_* variables.
+
+    [api]
+    auth = none | token            ; token: every request but /status needs a bearer token
+    tokens_file = /etc/pg-backup-api/tokens.json
+    audit_log = /var/log/barman/pg-backup-api-audit.log
+    max_body_bytes = 65536
+    cancel_grace = 10              ; seconds between SIGTERM and SIGKILL when canceling
+    trusted_proxies = 127.0.0.1 ::1
+
+    [server pg]                    ; optional, narrows what a recovery of server `pg` may target
+    allowed_hosts = db2.example.org 10.0.0.5
+    allowed_destinations = /var/lib/postgresql/15/
+"""
 
 from __future__ import annotations
 
+import configparser
 import logging
 import os
-from dataclasses import dataclass
-from typing import Mapping, Optional
+from dataclasses import dataclass, field
+from typing import Dict, Mapping, Optional, Tuple
 
 DEFAULT_BARMAN_CONF = "/etc/barman.conf"
+DEFAULT_CONFIG = "/etc/pg-backup-api/pg-backup-api.conf"
+DEFAULT_TOKENS_FILE = "/etc/pg-backup-api/tokens.json"
 DEFAULT_PORT = 7480
 LOOPBACK = "127.0.0.1"
+AUTH_MODES = ("none", "token")
+
+
+@dataclass(frozen=True)
+class ServerPolicy:
+    """Optional narrowing of where a Barman server's recoveries may go."""
+
+    allowed_hosts: Tuple[str, ...] = ()
+    allowed_destinations: Tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
 class Settings:
-    """What the service and its workers need to know before reading Barman's config."""
-
     barman_conf: str = DEFAULT_BARMAN_CONF
     port: int = DEFAULT_PORT
     log_level: str = "INFO"
-    cancel_grace: float = 10.0  # seconds between SIGTERM and SIGKILL when canceling
+    cancel_grace: float = 10.0
+    auth: str = "none"
+    tokens_file: str = DEFAULT_TOKENS_FILE
+    audit_log: Optional[str] = None  # None: <barman_home>/pg-backup-api-audit.log
+    max_body_bytes: int = 64 * 1024
+    trusted_proxies: Tuple[str, ...] = ("127.0.0.1", "::1")
+    servers: Dict[str, ServerPolicy] = field(default_factory=dict)
+
+    def policy(self, server: str) -> ServerPolicy:
+        return self.servers.get(server, ServerPolicy())
 
     @classmethod
     def from_env(cls, environ: Optional[Mapping[str, str]] = None) -> "Settings":
+        """Read the config file named by PG_BACKUP_API_CONFIG (if any), then the environment."""
         env = os.environ if environ is None else environ
-        port = env.get("PG_BACKUP_API_PORT", str(DEFAULT_PORT))
-        if not port.isdigit() or not 0 < int(port) < 65536:
-            raise ValueError(f"PG_BACKUP_API_PORT must be a TCP port number, not {port!r}")
+        values: Dict[str, str] = {}
+        servers: Dict[str, ServerPolicy] = {}
+        path = env.get("PG_BACKUP_API_CONFIG")
+        if path or os.path.exists(DEFAULT_CONFIG):
+            values, servers = _read_file(path or DEFAULT_CONFIG)
+        for key in ("barman_conf", "port", "log_level", "cancel_grace", "auth", "tokens_file",
+                    "audit_log", "max_body_bytes"):
+            if f"PG_BACKUP_API_{key.upper()}" in env:
+                values[key] = env[f"PG_BACKUP_API_{key.upper()}"]
         return cls(
-            barman_conf=env.get("PG_BACKUP_API_BARMAN_CONF") or DEFAULT_BARMAN_CONF,
-            port=int(port),
-            log_level=env.get("PG_BACKUP_API_LOG_LEVEL", "INFO").upper(),
-            cancel_grace=_number(env, "PG_BACKUP_API_CANCEL_GRACE", 10.0),
+            barman_conf=values.get("barman_conf") or DEFAULT_BARMAN_CONF,
+            port=_integer(values, "port", DEFAULT_PORT, 1, 65535),
+            log_level=values.get("log_level", "INFO").upper(),
+            cancel_grace=_seconds(values, "cancel_grace", 10.0),
+            auth=_choice(values, "auth", AUTH_MODES),
+            tokens_file=values.get("tokens_file") or DEFAULT_TOKENS_FILE,
+            audit_log=values.get("audit_log") or None,
+            max_body_bytes=_integer(values, "max_body_bytes", 64 * 1024, 1024, 16 * 1024 * 1024),
+            trusted_proxies=tuple(values.get("trusted_proxies", "127.0.0.1 ::1").replace(",", " ").split()),
+            servers=servers,
         )
 
 
-def _number(env: Mapping[str, str], name: str, default: float) -> float:
-    raw = env.get(name)
+def _read_file(path: str) -> Tuple[Dict[str, str], Dict[str, ServerPolicy]]:
+    parser = configparser.ConfigParser(interpolation=None)
+    try:
+        with open(path) as f:
+            parser.read_file(f)
+    except (OSError, configparser.Error) as exc:
+        raise ValueError(f"cannot read the pg-backup-api configuration {path}: {exc}") from None
+    values = dict(parser["api"]) if parser.has_section("api") else {}
+    servers = {}
+    for section in parser.sections():
+        if section.startswith("server "):
+            options = parser[section]
+            servers[section[len("server "):].strip()] = ServerPolicy(
+                tuple(options.get("allowed_hosts", "").replace(",", " ").split()),
+                tuple(options.get("allowed_destinations", "").replace(",", " ").split()),
+            )
+        elif section != "api":
+            raise ValueError(f"{path}: unknown section [{section}] (use [api] or [server NAME])")
+    return values, servers
+
+
+def _integer(values: Mapping[str, str], key: str, default: int, low: int, high: int) -> int:
+    raw = values.get(key)
+    if raw is None:
+        return default
+    if not raw.strip().isdigit() or not low <= int(raw) <= high:
+        raise ValueError(f"{key} must be an integer from {low} to {high}, not {raw!r}")
+    return int(raw)
+
+
+def _seconds(values: Mapping[str, str], key: str, default: float) -> float:
+    raw = values.get(key)
     if raw is None:
         return default
     try:
         value = float(raw)
     except ValueError:
-        raise ValueError(f"{name} must be a number of seconds, not {raw!r}") from None
-    if value < 0:
-        raise ValueError(f"{name} must not be negative")
+        raise ValueError(f"{key} must be a number of seconds, not {raw!r}") from None
+    if not 0 <= value <= 3600:
+        raise ValueError(f"{key} must be between 0 and 3600 seconds")
+    return value
+
+
+def _choice(values: Mapping[str, str], key: str, choices: Tuple[str, ...]) -> str:
+    value = values.get(key, choices[0]).strip().lower()
+    if value not in choices:
+        raise ValueError(f"{key} must be one of {', '.join(choices)}, not {value!r}")
     return value
 
 

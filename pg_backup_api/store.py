@@ -34,7 +34,7 @@ CANCEL_SUFFIX = ".cancel"  # a cancellation was asked for
 SIDE_SUFFIXES = (WORKER_LOG_SUFFIX, PROGRESS_SUFFIX, WORKER_SUFFIX, CANCEL_SUFFIX)
 
 
-def write_json_atomic(path: Path, data: Dict[str, Any], exclusive: bool) -> None:
+def write_json_atomic(path: Path, data: Dict[str, Any], exclusive: bool, mode: int = 0o640) -> None:
     """Write *data* to *path* so that a reader sees either no file or the whole file.
 
     With *exclusive*, fail with FileExistsError rather than replace an existing file:
@@ -43,7 +43,7 @@ def write_json_atomic(path: Path, data: Dict[str, Any], exclusive: bool) -> None
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w") as f:
-            os.fchmod(f.fileno(), 0o640)
+            os.fchmod(f.fileno(), mode)
             json.dump(data, f, indent=2)
             f.write("\n")
             f.flush()
