@@ -14,7 +14,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional
+from typing import Dict, Iterator, Optional
 
 import pytest
 import requests
@@ -100,8 +100,9 @@ def sandbox() -> Iterator[Sandbox]:
 class Service:
     """pg-backup-api run as the Barman user, the way it runs in production."""
 
-    def __init__(self, sandbox: Sandbox, argv_tail: Optional[List[str]] = None) -> None:
+    def __init__(self, sandbox: Sandbox, extra_env: Optional[Dict[str, str]] = None) -> None:
         self.sandbox = sandbox
+        self.extra_env = extra_env or {}
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = sandbox.directory / "log" / f"service-{self.port}.log"
@@ -111,6 +112,7 @@ class Service:
         user = self.sandbox["BARMAN_USER"]
         argv = ["runuser", "-u", user, "--", "env", f"PG_BACKUP_API_BARMAN_CONF={self.sandbox['BARMAN_CONF']}",
                 f"PATH={VENV}/bin:/usr/bin:/bin", f"HOME={self.sandbox['BARMAN_HOME']}",
+                *(f"{k}={v}" for k, v in self.extra_env.items()),
                 str(VENV / "bin" / "pg-backup-api"), "serve", "--port", str(self.port)]
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,

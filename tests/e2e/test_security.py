@@ -1,0 +1,61 @@
+"""Hostile input never reaches a shell, and tokens guard the real service when enabled."""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.test_ssh_command import HOSTILE
+
+from .conftest import VENV, Service
+
+pytestmark = pytest.mark.e2e
+
+
+def count_jobs(sandbox) -> int:
+    jobs = Path(sandbox["BARMAN_HOME"]) / sandbox["BARMAN_SERVER"] / "jobs"
+    return len(list(jobs.glob("*.json"))) if jobs.exists() else 0
+
+
+def test_hostile_ssh_commands_and_destinations_are_refused_and_run_nothing(sandbox, service):
+    server = sandbox["BARMAN_SERVER"]
+    marker = Path(sandbox["RESTORE_PARENT"]) / "pwned"
+    before = count_jobs(sandbox)
+    bodies = [{"remote_ssh_command": cmd.replace("/tmp/pwned", str(marker)),
+               "destination_directory": sandbox.restore_dir("hostile")} for cmd in HOSTILE]
+    bodies += [{"remote_ssh_command": sandbox["SSH_COMMAND"], "destination_directory": dest.replace("M", str(marker))}
+               for dest in ["/srv/x; touch M", "/srv/$(touch M)", "/srv/`touch M`", "/srv/x\ntouch M",
+                            "/srv/x' ; touch M ; '", "-rf M", "/srv/../M", "/", "/etc", "relative"]]
+    for body in bodies:
+        response = service.post(f"/servers/{server}/operations", json={"backup_id": "latest", **body})
+        assert 400 <= response.status_code < 500, body
+        assert "error" in response.json()
+    time.sleep(1)
+    assert not marker.exists()
+    assert count_jobs(sandbox) == before
+
+
+def test_tokens_on_the_real_service(sandbox):
+    tokens_file = Path(sandbox["BARMAN_HOME"]) / "tokens.json"
+    create = subprocess.run(
+        ["runuser", "-u", sandbox["BARMAN_USER"], "--", "env", f"PG_BACKUP_API_TOKENS_FILE={tokens_file}",
+         str(VENV / "bin" / "pg-backup-api"), "token", "create", "monitoring", "--scope", "read"],
+        capture_output=True, text=True, check=True)
+    secret = create.stdout.strip()
+    service = Service(sandbox, {"PG_BACKUP_API_AUTH": "token", "PG_BACKUP_API_TOKENS_FILE": str(tokens_file)})
+    service.start()
+    try:
+        server = sandbox["BARMAN_SERVER"]
+        assert service.get("/status").json() == "OK"
+        assert service.get(f"/servers/{server}/operations").status_code == 401
+        ok = service.get(f"/servers/{server}/operations", headers={"Authorization": f"Bearer {secret}"})
+        assert ok.status_code == 200
+        denied = service.post(f"/servers/{server}/operations", headers={"Authorization": f"Bearer {secret}"},
+                              json={"backup_id": "latest"})
+        assert denied.status_code == 403
+        assert denied.json()["error"].startswith("token 'monitoring' has scope 'read'")
+    finally:
+        service.stop()
