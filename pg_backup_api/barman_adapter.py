@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -17,7 +18,7 @@ import barman
 from barman.config import Config
 from barman.infofile import BackupInfo
 
-from pg_backup_api.errors import ConfigurationError, NoSuchBackup, NoSuchServer, Unprocessable
+from pg_backup_api.errors import ConfigurationError, InvalidRequest, NoSuchBackup, NoSuchServer, Unprocessable
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +33,9 @@ LATEST = ("latest", "last")
 OLDEST = ("oldest", "first")
 LATEST_FULL = ("latest-full", "last-full")
 LAST_FAILED = ("last-failed",)
-RECOVERABLE = (BackupInfo.DONE,)
+AUTO = "auto"
+# Barman restores DONE backups and those still WAITING_FOR_WALS.
+RECOVERABLE = tuple(BackupInfo.STATUS_COPY_DONE)
 
 Fingerprint = Tuple[Tuple[str, int, int], ...]
 
@@ -154,10 +157,20 @@ def _server(server_config: Any) -> Any:
 class Backup:
     backup_id: str
     status: str
+    end_time: Optional[datetime]
+    tablespaces: Tuple[str, ...]
 
 
-def resolve_backup(server_config: Any, requested: str) -> Backup:
-    """Turn a backup id, an alias or a backup name into the concrete backup it names now."""
+def _backup(info: Any) -> Backup:
+    end = info.end_time
+    if end is not None and end.tzinfo is None:
+        end = end.astimezone()  # Barman writes local times; make them comparable
+    return Backup(info.backup_id, info.status, end, tuple(t.name for t in (info.tablespaces or ())))
+
+
+def resolve_backup(server_config: Any, requested: str, target_time: Optional[str] = None,
+                   target_lsn: Optional[str] = None) -> Backup:
+    """Turn a backup id, an alias, a backup name or `auto` into the concrete backup it names now."""
     server = _server(server_config)
     backups = server.get_available_backups(status_filter=BackupInfo.STATUS_ALL)
     if requested in LATEST:
@@ -168,6 +181,10 @@ def resolve_backup(server_config: Any, requested: str) -> Backup:
         backup_id = server.get_last_full_backup_id()
     elif requested in LAST_FAILED:
         raise Unprocessable("backup_id 'last-failed' names a failed backup, which cannot be recovered")
+    elif requested == AUTO and target_time:
+        backup_id = server.get_closest_backup_id_from_target_time(target_time, None)
+    elif requested == AUTO and target_lsn:
+        backup_id = server.get_closest_backup_id_from_target_lsn(target_lsn, None)
     elif requested in backups:
         backup_id = requested
     else:
@@ -176,14 +193,31 @@ def resolve_backup(server_config: Any, requested: str) -> Backup:
     if backup_id is None or backup_id not in backups:
         raise NoSuchBackup(
             f"backup_id '{requested}' matches no backup of server '{server_config.name}'"
+            + (" that ends before the recovery target" if requested == AUTO else "")
         )
     status = backups[backup_id].status
     if status not in RECOVERABLE:
         raise Unprocessable(
             f"backup '{backup_id}' of server '{server_config.name}' has status {status}: "
-            f"only a backup with status {', '.join(RECOVERABLE)} can be recovered"
+            f"only a backup with status {' or '.join(RECOVERABLE)} can be recovered"
         )
-    return Backup(backup_id, status)
+    return _backup(backups[backup_id])
+
+
+def check_recovery_against_backup(fields: Dict[str, Any], backup: Backup) -> None:
+    """What only the chosen backup can tell: the target is after its end, its tablespaces exist."""
+    target_time = fields.get("target_time")
+    if target_time and backup.end_time is not None:
+        target = datetime.fromisoformat(target_time.replace("Z", "+00:00"))
+        if target < backup.end_time:
+            raise Unprocessable(
+                f"field 'target_time': {target_time} is before the end of backup {backup.backup_id} "
+                f"({backup.end_time.isoformat()}); choose an earlier backup or a later target")
+    unknown = sorted(set(fields.get("tablespaces") or {}) - set(backup.tablespaces))
+    if unknown:
+        raise InvalidRequest(
+            f"field 'tablespaces': {', '.join(unknown)} not in backup {backup.backup_id} "
+            f"(it has: {', '.join(backup.tablespaces) or 'no tablespaces'})")
 
 
 def barman_executable() -> str:
@@ -194,14 +228,34 @@ def barman_executable() -> str:
     return shutil.which("barman") or "barman"
 
 
+VALUE_OPTIONS = {
+    "target_time": "--target-time", "target_xid": "--target-xid", "target_lsn": "--target-lsn",
+    "target_name": "--target-name", "target_tli": "--target-tli", "target_action": "--target-action",
+    "bwlimit": "--bwlimit", "jobs": "--jobs", "staging_wal_directory": "--staging-wal-directory",
+}
+SWITCH_OPTIONS = {  # option: (flag when true, flag when false)
+    "target_immediate": ("--target-immediate", None), "exclusive": ("--exclusive", None),
+    "standby_mode": ("--standby-mode", None), "get_wal": ("--get-wal", "--no-get-wal"),
+    "network_compression": ("--network-compression", "--no-network-compression"),
+}
+
+
 def restore_argv(config_path: str, server: str, backup_id: str, destination: str,
-                 remote_ssh_command: str) -> List[str]:
-    """`barman restore` as an argv list: never a shell, and the values after `--`."""
-    return [
-        barman_executable(), "-c", config_path, RESTORE_COMMAND,
-        f"--remote-ssh-command={remote_ssh_command}",
-        "--", server, backup_id, destination,
-    ]
+                 remote_ssh_command: str, options: Optional[Dict[str, Any]] = None) -> List[str]:
+    """`barman restore` as an argv list: never a shell, `--opt=value` and positionals after `--`."""
+    argv = [barman_executable(), "-c", config_path, RESTORE_COMMAND,
+            f"--remote-ssh-command={remote_ssh_command}"]
+    options = options or {}
+    for key, flag in VALUE_OPTIONS.items():
+        if options.get(key) is not None:
+            argv.append(f"{flag}={options[key]}")
+    for key, (on, off) in SWITCH_OPTIONS.items():
+        flag = on if options.get(key) is True else off if options.get(key) is False else None
+        if flag:
+            argv.append(flag)
+    for name, location in sorted((options.get("tablespaces") or {}).items()):
+        argv.append(f"--tablespace={name}:{location}")
+    return [*argv, "--", server, backup_id, destination]
 
 
 def diagnose(config_path: str, timeout: float = 120) -> Dict[str, Any]:

@@ -83,8 +83,31 @@ def parse_request(body: Any, allowed: Tuple[OperationType, ...]) -> Tuple[Operat
         raise InvalidRequest(f"field 'type' must be one of: {names}; got {raw_type!r}")
     op_type = OperationType(raw_type)
     schema.validate(REQUEST_SCHEMAS[op_type], fields)
+    if op_type is OperationType.RECOVERY:
+        check_recovery_targets(fields)
     del fields["type"]
     return op_type, fields
+
+
+RECOVERY_OPTIONS = ("target_time", "target_xid", "target_lsn", "target_name", "target_immediate",
+                    "target_tli", "target_action", "exclusive", "standby_mode", "get_wal", "bwlimit", "jobs",
+                    "network_compression", "tablespaces", "staging_wal_directory")
+TARGETS = ("target_time", "target_xid", "target_lsn", "target_name", "target_immediate")
+AUTO_BACKUP = "auto"
+
+
+def check_recovery_targets(fields: Dict[str, Any]) -> None:
+    """Barman's own cross-checks of a recovery's options, made at POST time rather than as a FAILED."""
+    targets = [t for t in TARGETS if fields.get(t) not in (None, False)]
+    if len(targets) > 1:
+        raise InvalidRequest(f"fields {', '.join(targets)}: at most one recovery target may be given")
+    if "target_action" in fields and not targets:
+        raise InvalidRequest("field 'target_action' needs a recovery target (target_time, target_xid, "
+                             "target_lsn, target_name or target_immediate)")
+    if fields.get("exclusive") and not set(targets) & {"target_time", "target_xid", "target_lsn"}:
+        raise InvalidRequest("field 'exclusive' needs target_time, target_xid or target_lsn")
+    if fields["backup_id"] == AUTO_BACKUP and not set(targets) & {"target_time", "target_lsn"}:
+        raise InvalidRequest("backup_id 'auto' needs target_time or target_lsn to choose the backup")
 
 
 def job_document(op_type: OperationType, fields: Dict[str, Any], start: datetime) -> Dict[str, Any]:
@@ -146,9 +169,12 @@ def describe(record: Record, progress: str = "", now: Optional[datetime] = None)
     op_type: Optional[str] = job.get("operation_type")
     doc["type"] = op_type
     for key in ("backup_id", "resolved_backup_id", "destination_directory", "remote_ssh_command",
-                "model_name", "reset", "changes", "requested_by"):
+                *RECOVERY_OPTIONS, "model_name", "reset", "changes", "name", "immediate_checkpoint",
+                "new_backup_id", "requested_by"):
         if key in job:
             doc[key] = job[key]
+        elif key in out:
+            doc[key] = out[key]
     doc["start_time"] = job.get("start_time")
     doc["end_time"] = out.get("end_time")
     doc["duration_s"] = duration(record, now or now_utc())

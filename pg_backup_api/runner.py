@@ -13,7 +13,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from pg_backup_api import barman_adapter, processes
 from pg_backup_api.errors import ApiError
-from pg_backup_api.operations import OperationType, State, now_utc, timestamp
+from pg_backup_api.operations import RECOVERY_OPTIONS, OperationType, State, now_utc, timestamp
 from pg_backup_api.store import OperationStore
 
 log = logging.getLogger(__name__)
@@ -104,6 +104,7 @@ def run_recovery(barman_conf: str, server: str, op_id: str) -> int:
         argv = barman_adapter.restore_argv(
             barman_conf, server, job.get("resolved_backup_id") or job["backup_id"],
             job["destination_directory"], job["remote_ssh_command"],
+            {k: job[k] for k in RECOVERY_OPTIONS if k in job},
         )
         worker = Worker(store, op_id)
         exit_code, output = worker.run(argv)

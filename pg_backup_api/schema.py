@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+from datetime import datetime
 from functools import cache, lru_cache
 from importlib import resources
 from typing import Any, Dict, Iterator
@@ -20,6 +21,21 @@ FORMATS = FormatChecker(formats=())
 FORMATS.checks("ssh-command", raises=InvalidRequest)(lambda v: ssh_command.parse(v) is not None)
 FORMATS.checks("target-path", raises=InvalidRequest)(
     lambda v: paths.check_target_path("path", v) is None)
+FORMATS.checks("offset-date-time", raises=InvalidRequest)(lambda v: parse_offset_time("path", v) is not None)
+
+OFFSET_TIME = re.compile(
+    r"[0-9]{4}-[0-9]{2}-[0-9]{2}[T ][0-9]{2}:[0-9]{2}:[0-9]{2}(?:\.[0-9]{1,6})?(?:Z|[+-][0-9]{2}:[0-9]{2})")
+
+
+def parse_offset_time(field: str, value: str) -> datetime:
+    """An ISO-8601 time with an explicit offset: without one, Barman would guess the time zone."""
+    if not OFFSET_TIME.fullmatch(value):
+        raise InvalidRequest(f"field '{field}' must be an ISO-8601 time with an explicit offset, "
+                             f"such as 2026-11-27T09:30:00+00:00; got {value!r}")
+    try:
+        return datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError as exc:
+        raise InvalidRequest(f"field '{field}' is not a valid time: {exc}") from None
 
 
 @lru_cache(maxsize=1)

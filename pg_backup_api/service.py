@@ -144,8 +144,10 @@ class Service:
             raise InvalidRequest(f"operation type '{op_type.value}' is not supported yet")
         if op_type is OperationType.RECOVERY:
             server_config = self.config_source.get().server(server)
-            fields["resolved_backup_id"] = barman_adapter.resolve_backup(
-                server_config, fields["backup_id"]).backup_id
+            backup = barman_adapter.resolve_backup(server_config, fields["backup_id"],
+                                                   fields.get("target_time"), fields.get("target_lsn"))
+            barman_adapter.check_recovery_against_backup(fields, backup)
+            fields["resolved_backup_id"] = backup.backup_id
             target = ssh_command.parse(fields["remote_ssh_command"])
             self._check_policy(server, target, fields["destination_directory"])
             with self._destination_claim(server, target.key, fields["destination_directory"]) as claim:
