@@ -1,0 +1,70 @@
+"""Point-in-time recovery through the API: the restored cluster stops exactly at the target."""
+
+from __future__ import annotations
+
+import subprocess
+import threading
+import time
+
+import pytest
+
+from .conftest import VENV
+
+pytestmark = pytest.mark.e2e
+
+
+def archive_current_wal(sandbox) -> None:
+    """`barman switch-wal --archive`, with commits meanwhile so pg_receivewal closes the segment soon."""
+    done = threading.Event()
+
+    def tick():
+        while not done.wait(0.5):
+            sandbox.psql(int(sandbox["PGPORT"]), "SELECT txid_current()")
+
+    ticker = threading.Thread(target=tick)
+    ticker.start()
+    try:
+        subprocess.run(["runuser", "-u", sandbox["BARMAN_USER"], "--", str(VENV / "bin" / "barman"),
+                        "-c", sandbox["BARMAN_CONF"], "switch-wal", "--force", "--archive",
+                        "--archive-timeout", "60", sandbox["BARMAN_SERVER"]],
+                       check=True, capture_output=True, timeout=120, stdin=subprocess.DEVNULL)
+    finally:
+        done.set()
+        ticker.join()
+
+
+def test_recovery_to_a_target_time_keeps_what_came_before_and_nothing_after(sandbox, service):
+    port = int(sandbox["PGPORT"])
+    sandbox.psql(port, "CREATE TABLE pitr_rows (id int PRIMARY KEY, label text NOT NULL)")
+    sandbox.psql(port, "INSERT INTO pitr_rows SELECT g, 'before-' || g FROM generate_series(1, 10) g")
+    target = sandbox.psql(port, "SELECT to_char(now() AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"+00:00\"')")
+    time.sleep(1)
+    sandbox.psql(port, "INSERT INTO pitr_rows SELECT g, 'after-' || g FROM generate_series(11, 20) g")
+    archive_current_wal(sandbox)
+
+    server = sandbox["BARMAN_SERVER"]
+    destination = sandbox.restore_dir("e2e-pitr")
+    response = service.post(f"/servers/{server}/operations", json={
+        "type": "recovery", "backup_id": "auto", "destination_directory": destination,
+        "remote_ssh_command": sandbox["SSH_COMMAND"], "target_time": target, "target_action": "promote"})
+    assert response.status_code == 202, response.text
+    status = service.wait_until_ended(server, response.json()["operation_id"])
+    assert status["status"] == "DONE", status.get("output")
+    assert status["resolved_backup_id"] == sandbox["BACKUP_ID"]
+    assert status["target_time"] == target
+
+    copy_port = sandbox.start_copy(destination)
+    try:
+        rows = sandbox.psql(copy_port, "SELECT count(*), min(label), max(id) FROM pitr_rows")
+        assert rows == "10|before-1|10"
+        assert sandbox.psql(copy_port, "SELECT pg_is_in_recovery()") == "f"
+    finally:
+        sandbox.stop_copy(destination)
+
+
+def test_a_target_time_before_the_backup_is_refused_at_post_time(sandbox, service):
+    response = service.post(f"/servers/{sandbox['BARMAN_SERVER']}/operations", json={
+        "type": "recovery", "backup_id": "latest", "destination_directory": sandbox.restore_dir("e2e-early"),
+        "remote_ssh_command": sandbox["SSH_COMMAND"], "target_time": "2000-01-01T00:00:00+00:00"})
+    assert response.status_code == 422
+    assert "before the end of backup" in response.json()["error"]
