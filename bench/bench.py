@@ -1,0 +1,730 @@
+"""pg-backup-api benchmark: synthetic operation histories, gunicorn, wrk, one table. See bench/README.md."""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import http.client
+import json
+import os
+import platform
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import textwrap
+import threading
+import time
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timedelta, timezone
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional
+
+ROOT = Path(__file__).resolve().parents[1]
+WRK_SCRIPT = Path(__file__).resolve().parent / "wrk.lua"
+VENV_BIN = Path(sys.executable).parent
+HOST = "127.0.0.1"
+# An ssh target that fails at once: nothing listens on port 1, so barman stops at its first ssh call.
+FAILING_SSH = "ssh -p 1 postgres@127.0.0.1"
+BACKUP_IDS = ("20261120T010000", "20261121T010000", "20261122T010000")
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How much to measure: the full benchmark or the quick one CI runs."""
+
+    quick: bool
+    list_sizes: tuple
+    status_sizes: tuple
+    seconds: int  # per wrk run
+    runs: int  # medians of this many runs
+    burst_seconds: int  # accepted POSTs without a pause
+    paced_seconds: int  # accepted POSTs, one every pace_ms
+    pace_ms: int
+    soak_seconds: int
+    rss_requests: int
+    recovery_runs: int
+
+    @classmethod
+    def make(cls, quick: bool) -> "Plan":
+        if quick:
+            return cls(True, (0, 10, 100), (1, 100), 1, 1, 1, 1, 250, 2, 1000, 1)
+        return cls(False, (0, 1000, 10000), (1, 1000, 10000), 5, 3, 2, 8, 250, 30, 100_000, 5)
+
+
+# -- the synthetic Barman home -------------------------------------------------------------
+
+@dataclass
+class Fixture:
+    """A real barman.conf, one Barman server per history size, and the operations on disk."""
+
+    root: Path
+    sizes: tuple
+    conf: Path = field(init=False)
+    home: Path = field(init=False)
+    ids: Dict[int, List[str]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.conf = self.root / "barman.conf"
+        self.home = self.root / "home"
+        conf_dir = self.root / "barman.d"
+        self.home.mkdir()
+        conf_dir.mkdir()
+        self.conf.write_text(textwrap.dedent(f"""\
+            [barman]
+            barman_home = {self.home}
+            barman_user = {getpass.getuser()}
+            configuration_files_directory = {conf_dir}
+            log_file = {self.root}/barman.log
+            """))
+        for n in self.sizes:
+            server = self.server(n)
+            (conf_dir / f"{server}.conf").write_text(textwrap.dedent(f"""\
+                [{server}]
+                description = "benchmark server with {n} operations"
+                conninfo = host=/nonexistent dbname=postgres
+                streaming_conninfo = host=/nonexistent
+                backup_method = postgres
+                streaming_archiver = on
+                slot_name = barman
+                """))
+            self._backups(server)
+            self.ids[n] = self._operations(server, n)
+
+    @staticmethod
+    def server(n: int) -> str:
+        return f"n{n}"
+
+    def _backups(self, server: str) -> None:
+        meta = self.home / server / "meta"
+        meta.mkdir(parents=True)
+        for backup_id in BACKUP_IDS:
+            begin = datetime.strptime(backup_id, "%Y%m%dT%H%M%S")
+            (meta / f"{backup_id}-backup.info").write_text(
+                f"backup_id={backup_id}\nstatus=DONE\n"
+                f"begin_time={begin:%Y-%m-%d %H:%M:%S}.000000+00:00\n"
+                f"end_time={begin:%Y-%m-%d %H:%M}:02.000000+00:00\n")
+
+    def _operations(self, server: str, n: int) -> List[str]:
+        """*n* ended recoveries in the on-disk format of the reference (plus our `state`)."""
+        jobs, outputs = self.home / server / "jobs", self.home / server / "output"
+        jobs.mkdir()
+        outputs.mkdir()
+        first = datetime(2026, 11, 1, tzinfo=timezone.utc) - timedelta(minutes=30 * n)
+        made: List[str] = []
+        moment = first
+        while len(made) < n:
+            moment += timedelta(minutes=30)
+            base = moment.strftime("%Y%m%dT%H%M%S")
+            # Every 50th second holds two operations: the second one has the `-2` suffix.
+            for op_id in ([base, f"{base}-2"] if len(made) % 50 == 49 else [base])[:n - len(made)]:
+                self._write_operation(jobs, outputs, op_id, moment, ok=len(made) % 10 != 3)
+                made.append(op_id)
+        return made
+
+    @staticmethod
+    def _write_operation(jobs: Path, outputs: Path, op_id: str, start: datetime, ok: bool) -> None:
+        job = {"backup_id": "latest", "destination_directory": f"/srv/restore/{op_id}",
+               "remote_ssh_command": "ssh postgres@db2.example.org", "resolved_backup_id": BACKUP_IDS[-1],
+               "operation_type": "recovery", "start_time": start.isoformat(timespec="microseconds")}
+        lines = [f"Starting remote restore for server pg using backup {BACKUP_IDS[-1]}",
+                 f"Destination directory: /srv/restore/{op_id}",
+                 "Copying the base backup.", "Copying required WAL segments.",
+                 "Generating archive status files", "Identify dangerous settings in destination directory.",
+                 "", "Restore operation completed (start time: 2026-11-01 00:00:00, elapsed time: 11 seconds)",
+                 "Your PostgreSQL server has been successfully prepared for recovery!"]
+        output = {**job, "success": ok,
+                  "end_time": (start + timedelta(seconds=12)).isoformat(timespec="microseconds"),
+                  "output": "\n".join(lines * 3 if ok else lines[:2] + ["ERROR: rsync error (code 12)"]) + "\n",
+                  "exit_code": 0 if ok else 1, "state": "succeeded" if ok else "failed"}
+        if not ok:
+            output["reason"] = "barman exited with code 1"
+        for directory, doc in ((jobs, job), (outputs, output)):
+            path = directory / f"{op_id}.json"
+            path.write_text(json.dumps(doc, indent=2) + "\n")
+            path.chmod(0o640)
+
+    def sample_ids(self, n: int, count: int = 64) -> List[str]:
+        ids = self.ids[n]
+        step = max(1, len(ids) // count)
+        return ids[::step][:count]
+
+    def pending(self, server: str) -> int:
+        """Operations of *server* whose worker has not recorded an end yet."""
+        jobs = {p.stem for p in (self.home / server / "jobs").glob("*.json")}
+        ended = {p.stem for p in (self.home / server / "output").glob("*.json")}
+        return len(jobs - ended)
+
+
+# -- the service under test ----------------------------------------------------------------
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return s.getsockname()[1]
+
+
+class Gunicorn:
+    """The service as deployed: gunicorn, 2 sync workers, on a loopback port; this checkout's code."""
+
+    def __init__(self, fixture: Fixture, workers: int = 2) -> None:
+        self.port = free_port()
+        self.url = f"http://{HOST}:{self.port}"
+        self.log = fixture.root / "gunicorn.log"
+        self.env = {**os.environ, "PG_BACKUP_API_BARMAN_CONF": str(fixture.conf),
+                    "PYTHONPATH": str(ROOT), "PATH": f"{VENV_BIN}:{os.environ.get('PATH', '/usr/bin:/bin')}"}
+        argv = [str(VENV_BIN / "gunicorn"), "--workers", str(workers), "--worker-class", "sync",
+                "--bind", f"{HOST}:{self.port}", "pg_backup_api.app:application"]
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen(argv, cwd=fixture.root, env=self.env, stdin=subprocess.DEVNULL,
+                                         stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                break
+            try:
+                if http_request(self.url, "GET", "/status")[0] == 200 and len(self.worker_pids()) == workers:
+                    return
+            except OSError:
+                pass
+            time.sleep(0.1)
+        self.stop()
+        raise SystemExit(f"bench: gunicorn did not start; its log:\n{self.log.read_text()[-4000:]}")
+
+    def worker_pids(self) -> List[int]:
+        pids = []
+        for entry in os.listdir("/proc"):
+            if entry.isdigit():
+                try:
+                    status = Path(f"/proc/{entry}/status").read_text()
+                except OSError:
+                    continue
+                if re.search(rf"^PPid:\s+{self.proc.pid}$", status, re.M):
+                    pids.append(int(entry))
+        return sorted(pids)
+
+    def worker_rss_mb(self) -> Dict[int, float]:
+        rss = {}
+        for pid in self.worker_pids():
+            match = re.search(r"^VmRSS:\s+(\d+) kB", Path(f"/proc/{pid}/status").read_text(), re.M)
+            rss[pid] = int(match.group(1)) / 1024 if match else float("nan")
+        return rss
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+
+
+def http_request(base: str, method: str, path: str, body: Optional[str] = None,
+                 timeout: float = 30) -> tuple:
+    """(status, parsed JSON body or None, Location header) of one request on a new connection."""
+    host, port = base.split("//")[1].split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=timeout)
+    try:
+        headers = {"Content-Type": "application/json"} if body is not None else {}
+        conn.request(method, path, body=body, headers=headers)
+        response = conn.getresponse()
+        raw = response.read()
+        try:
+            doc = json.loads(raw) if raw else None
+        except ValueError:
+            doc = None
+        return response.status, doc, response.getheader("Location")
+    finally:
+        conn.close()
+
+
+# -- load generation -----------------------------------------------------------------------
+
+@dataclass
+class Load:
+    """One kind of traffic: GET some paths in turn, or POST a body ("@N@" unique per request)."""
+
+    name: str
+    paths: List[str]
+    connections: int = 1
+    expected: int = 200
+    body: Optional[str] = None  # a POST when set; paths[0] is its path
+    pace_ms: int = 0  # a pause before each request of a connection
+
+
+@dataclass
+class Result:
+    requests: int
+    seconds: float
+    p50_ms: float
+    p99_ms: float
+    max_ms: float
+    socket_errors: int
+    timeouts: int
+    unexpected: int  # responses whose status is not the expected one
+    not_found: int
+
+    @property
+    def rps(self) -> float:
+        return self.requests / self.seconds if self.seconds else 0.0
+
+    @staticmethod
+    def median(results: List["Result"]) -> "Result":
+        def med(attr: str) -> float:
+            return statistics.median(getattr(r, attr) for r in results)
+
+        return Result(sum(r.requests for r in results), sum(r.seconds for r in results), med("p50_ms"),
+                      med("p99_ms"), max(r.max_ms for r in results), sum(r.socket_errors for r in results),
+                      sum(r.timeouts for r in results), sum(r.unexpected for r in results),
+                      sum(r.not_found for r in results))
+
+
+class Wrk:
+    name = "wrk"
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        version = subprocess.run(["wrk", "--version"], capture_output=True, text=True).stdout
+        self.version = (version.split()[1:2] or ["?"])[0]
+
+    def run(self, url: str, load: Load, seconds: int) -> Result:
+        script = self.workdir / f"wrk-{load.pace_ms}.lua"
+        if not script.exists():
+            text = WRK_SCRIPT.read_text()
+            if load.pace_ms:  # wrk pauses before a request only when the script has a delay()
+                text += f"\nfunction delay() return {load.pace_ms} end\n"
+            script.write_text(text)
+        mode = ["post", str(load.expected), load.paths[0], load.body] if load.body else \
+            ["get", str(load.expected), *load.paths]
+        argv = ["wrk", "-t1", f"-c{load.connections}", f"-d{seconds}s", "--timeout", "10s",
+                "-s", str(script), url, "--", *mode]
+        proc = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 60)
+        line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("BENCH_RESULT ")), None)
+        if proc.returncode != 0 or line is None:
+            raise SystemExit(f"bench: wrk failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+        doc = json.loads(line.split(" ", 1)[1])
+        return Result(doc["requests"], doc["duration_us"] / 1e6, doc["p50_us"] / 1000, doc["p99_us"] / 1000,
+                      doc["max_us"] / 1000, doc["socket_errors"], doc["timeouts"], doc["unexpected"],
+                      doc["not_found"])
+
+
+class PythonClient:
+    """The fallback when wrk is missing: closed loop, one thread and one connection per request each."""
+
+    name = "python client"
+    version = platform.python_version()
+
+    def run(self, url: str, load: Load, seconds: int) -> Result:
+        latencies: List[float] = []
+        counts = {"socket_errors": 0, "timeouts": 0, "unexpected": 0, "not_found": 0}
+        lock = threading.Lock()
+        deadline = time.monotonic() + seconds
+
+        def connection(no: int) -> None:
+            sent = 0
+            while time.monotonic() < deadline:
+                if load.pace_ms:
+                    time.sleep(load.pace_ms / 1000)
+                sent += 1
+                if load.body:
+                    path, body, method = load.paths[0], load.body.replace("@N@", f"{no}-{sent}"), "POST"
+                else:
+                    path, body, method = load.paths[(sent - 1) % len(load.paths)], None, "GET"
+                start = time.perf_counter()
+                try:
+                    status = http_request(url, method, path, body, timeout=10)[0]
+                except socket.timeout:
+                    key = "timeouts"
+                except OSError:
+                    key = "socket_errors"
+                else:
+                    key = "unexpected" if status != load.expected else ""
+                elapsed = time.perf_counter() - start
+                with lock:
+                    latencies.append(elapsed)
+                    if key:
+                        counts[key] += 1
+                    if key == "unexpected" and status == 404:
+                        counts["not_found"] += 1
+
+        started = time.monotonic()
+        threads = [threading.Thread(target=connection, args=(i + 1,)) for i in range(load.connections)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        return latency_result(latencies, time.monotonic() - started, **counts)
+
+
+def latency_result(latencies: List[float], seconds: float, **counts: int) -> Result:
+    ordered = sorted(latencies) or [0.0]
+
+    def pct(p: float) -> float:
+        return ordered[min(len(ordered) - 1, int(p / 100 * len(ordered)))] * 1000
+
+    return Result(len(latencies), seconds, pct(50), pct(99), ordered[-1] * 1000, **counts)
+
+
+# -- the report ----------------------------------------------------------------------------
+
+@dataclass
+class Target:
+    text: str
+    check: Callable[["Row"], bool]
+
+
+@dataclass
+class Row:
+    scenario: str
+    ops: str
+    connections: str
+    result: Optional[Result] = None
+    reference: str = ""
+    target: Optional[Target] = None
+    note: str = ""
+    values: Dict[str, Any] = field(default_factory=dict)
+
+    def verdict(self, quick: bool) -> str:
+        if self.target is None:
+            return ""
+        if quick:
+            return "(quick)"
+        return "met" if self.target.check(self) else "MISSED"
+
+
+def fmt(value: float, digits: int = 2) -> str:
+    if value >= 100:
+        return f"{value:,.0f}"
+    return f"{value:.{digits}f}"
+
+
+def print_table(rows: List[Row], quick: bool) -> None:
+    header = ["scenario", "ops on disk", "conns", "p50 ms", "p99 ms", "req/s", "errors/non-2xx",
+              "reference", "target", "verdict"]
+    table = [header]
+    for row in rows:
+        r = row.result
+        cells = [row.scenario, row.ops, row.connections]
+        if r is not None:
+            bad = r.socket_errors + r.timeouts + r.unexpected
+            cells += [fmt(r.p50_ms), fmt(r.p99_ms), fmt(r.rps, 0), f"{bad} of {r.requests:,}"]
+        else:
+            cells += [row.values.get("p50", ""), row.values.get("p99", ""), "", row.values.get("errors", "")]
+        cells += ["" if quick else row.reference, row.target.text if row.target else "", row.verdict(quick)]
+        table.append(cells)
+    widths = [max(len(str(line[i])) for line in table) for i in range(len(header))]
+    for n, line in enumerate(table):
+        print("| " + " | ".join(str(c).ljust(w) for c, w in zip(line, widths)) + " |")
+        if n == 0:
+            print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    for row in rows:
+        if row.note:
+            print(f"  {row.scenario}: {row.note}")
+
+
+def machine_line(client: Any) -> str:
+    cpu = "?"
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            cpu = line.split(":", 1)[1].strip()
+            break
+    mem_kb = int(re.search(r"MemTotal:\s+(\d+)", Path("/proc/meminfo").read_text()).group(1))
+
+    def version(dist: str) -> str:
+        try:
+            return metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            return "missing"
+
+    return (f"machine: nproc {os.cpu_count()}, CPU {cpu}, {mem_kb / 1024 / 1024:.1f} GiB, "
+            f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, {platform.system()} {platform.release()}, "
+            f"Python {platform.python_version()}, barman {version('barman')}, gunicorn {version('gunicorn')}, "
+            f"Flask {version('flask')}, {client.name} {client.version}")
+
+
+# -- the scenarios -------------------------------------------------------------------------
+
+class Bench:
+    def __init__(self, plan: Plan, client: Any, fixture: Fixture, service: Gunicorn) -> None:
+        self.plan = plan
+        self.client = client
+        self.fixture = fixture
+        self.service = service
+        self.rows: List[Row] = []
+        self.post_server = Fixture.server(max(plan.list_sizes + plan.status_sizes))
+        self.runs = 0
+
+    def say(self, text: str) -> None:
+        print(f"bench: {text}", file=sys.stderr, flush=True)
+
+    def measure(self, load: Load, seconds: Optional[int] = None, runs: Optional[int] = None,
+                after_run: Optional[Callable[[], Any]] = None) -> Result:
+        results = []
+        for _ in range(runs or self.plan.runs):
+            self.runs += 1
+            # Every run POSTs to destinations of its own: "@RUN@" in the body names the run.
+            current = replace(load, body=load.body.replace("@RUN@", str(self.runs))) if load.body else load
+            results.append(self.client.run(self.service.url, current, seconds or self.plan.seconds))
+            if after_run is not None:
+                after_run()
+        result = Result.median(results)
+        self.say(f"{load.name}: p50 {result.p50_ms:.2f} ms, p99 {result.p99_ms:.2f} ms, "
+                 f"{result.rps:.0f} req/s, {result.unexpected + result.socket_errors + result.timeouts} bad")
+        return result
+
+    def reads(self) -> None:
+        self.rows.append(Row("GET /status", "-", "1", self.measure(Load("status c1", ["/status"])),
+                             "", Target("p50 <= 0.5 ms", lambda r: r.result.p50_ms <= 0.5)))
+        self.rows.append(Row("GET /status", "-", "4", self.measure(Load("status c4", ["/status"], 4)),
+                             "0.42 ms, 3,540 req/s", Target("p50 <= 0.5 ms", lambda r: r.result.p50_ms <= 0.5)))
+        biggest_status = max(self.plan.status_sizes)
+        for n in self.plan.status_sizes:
+            server = Fixture.server(n)
+            paths = [f"/servers/{server}/operations/{i}" for i in self.fixture.sample_ids(n)]
+            big = n == biggest_status
+            self.rows.append(Row("GET one operation's status", f"{n:,}", "1",
+                                 self.measure(Load(f"status of one op, {n} ops", paths)),
+                                 "6.6 ms at 10,000" if big else "",
+                                 Target("p50 <= 1.5 ms", lambda r: r.result.p50_ms <= 1.5)))
+        biggest_list = max(self.plan.list_sizes)
+        for n in self.plan.list_sizes:
+            server = Fixture.server(n)
+            big = n == biggest_list
+            reference = {1000: "25 ms", 10000: "257 ms"}.get(n, "") if not self.plan.quick else ""
+            target = Target("p50 <= 10 ms", lambda r: r.result.p50_ms <= 10) if big else None
+            self.rows.append(Row("GET the operations list", f"{n:,}", "1",
+                                 self.measure(Load(f"list, {n} ops", [f"/servers/{server}/operations"])),
+                                 reference, target))
+        self._scaling()
+
+    def _scaling(self) -> None:
+        """Status cost independent of the number of operations; list cost linear with a small constant."""
+        status = {int(r.ops.replace(",", "")): r.result.p50_ms for r in self.rows
+                  if r.scenario == "GET one operation's status"}
+        lists = {int(r.ops.replace(",", "")): r.result.p50_ms for r in self.rows
+                 if r.scenario == "GET the operations list"}
+        small, big = min(status), max(status)
+        ratio = status[big] / status[small] if status[small] else float("inf")
+        self.rows.append(Row("status cost vs ops", f"{small:,} -> {big:,}", "1", None, "",
+                             Target("ratio <= 1.5", lambda r: ratio <= 1.5),
+                             values={"p50": f"x{ratio:.2f}"}))
+        lo, hi = min(lists), max(lists)
+        per_op_us = (lists[hi] - lists[lo]) / (hi - lo) * 1000 if hi > lo else 0.0
+        self.rows.append(Row("list cost per operation", f"{lo:,} -> {hi:,}", "1", None, "",
+                             Target("<= 1 us per op", lambda r: per_op_us <= 1.0),
+                             values={"p50": f"{per_op_us:.2f} us/op"}))
+
+    def posts(self) -> None:
+        path = f"/servers/{self.post_server}/operations"
+        rejected = json.dumps({"type": "recovery", "backup_id": "latest", "remote_ssh_command": FAILING_SSH})
+        self.rows.append(Row("rejected POST (400, field missing)", "-", "1",
+                             self.measure(Load("rejected POST", [path], expected=400, body=rejected)),
+                             "2.2 ms", Target("p50 <= 2 ms", lambda r: r.result.p50_ms <= 2)))
+        for name, seconds, pace in (("burst", self.plan.burst_seconds, 0),
+                                    ("paced", self.plan.paced_seconds, self.plan.pace_ms)):
+            body = json.dumps({"type": "recovery", "backup_id": "latest", "remote_ssh_command": FAILING_SSH,
+                               "destination_directory": f"/srv/pgba-bench/{name}/@RUN@/@N@"})
+            waits: List[float] = []
+            result = self.measure(Load(f"accepted POST ({name})", [path], expected=202, body=body,
+                                       pace_ms=pace), seconds=seconds,
+                                  after_run=lambda w=waits: w.append(self.wait_for_workers()))
+            what = "back to back" if not pace else f"one every {pace} ms"
+            self.rows.append(Row(f"accepted POST (202), {what}", "-", "1", result, "30-45 ms",
+                                 Target("p50 <= 15 ms", lambda r: r.result.p50_ms <= 15),
+                                 note=f"{result.requests} workers spawned in {len(waits)} runs of {seconds} s; "
+                                      f"all had ended at most {max(waits):.1f} s after a run's last POST"))
+
+    def wait_for_workers(self, timeout: float = 300) -> float:
+        """Wait until every spawned worker has recorded its end (they fail fast: ssh to port 1)."""
+        start = time.monotonic()
+        while self.fixture.pending(self.post_server):
+            if time.monotonic() - start > timeout:
+                raise SystemExit(f"bench: {self.fixture.pending(self.post_server)} workers still running "
+                                 f"after {timeout} s")
+            time.sleep(0.05)
+        return time.monotonic() - start
+
+    def recovery_overhead(self) -> None:
+        """POST -> FAILED through the API against `barman restore` run directly with the same arguments."""
+        restore = "restore" if tuple(int(p) for p in metadata.version("barman").split(".")[:2]) >= (3, 12) \
+            else "recover"
+        server, backup = self.post_server, BACKUP_IDS[-1]
+        api_times, direct_times = [], []
+        warmup = 0 if self.plan.quick else 1
+        for i in range(warmup + self.plan.recovery_runs):
+            destination = f"/srv/pgba-bench/overhead/{i}"
+            body = json.dumps({"type": "recovery", "backup_id": backup, "remote_ssh_command": FAILING_SSH,
+                               "destination_directory": destination})
+            start = time.perf_counter()
+            status, doc, _ = http_request(self.service.url, "POST", f"/servers/{server}/operations", body)
+            if status != 202:
+                raise SystemExit(f"bench: recovery POST answered {status}: {doc}")
+            state = self._poll_until_ended(server, doc["operation_id"])
+            api = time.perf_counter() - start
+            if state["status"] != "FAILED" or "connect" not in (state.get("output") or ""):
+                raise SystemExit(f"bench: the recovery did not fail at its ssh step: {state}")
+            argv = [str(VENV_BIN / "barman"), "-c", str(self.fixture.conf), restore,
+                    f"--remote-ssh-command={FAILING_SSH}", "--", server, backup, destination + "-direct"]
+            start = time.perf_counter()
+            proc = subprocess.run(argv, cwd=self.fixture.root, env=self.service.env, stdin=subprocess.DEVNULL,
+                                  capture_output=True, text=True)
+            direct = time.perf_counter() - start
+            if proc.returncode == 0 or "connect" not in proc.stdout + proc.stderr:
+                raise SystemExit(f"bench: barman restore run directly did not fail at ssh: {proc.stdout}"
+                                 f"{proc.stderr}")
+            if i >= warmup:
+                api_times.append(api)
+                direct_times.append(direct)
+        api, direct = statistics.median(api_times), statistics.median(direct_times)
+        overhead = api - direct
+        self.rows.append(Row("recovery overhead: API POST -> FAILED minus barman restore", "-", "1", None,
+                             "~0.4 s", Target("<= 0.15 s", lambda r: overhead <= 0.15),
+                             note=f"median of {len(api_times)}: through the API {api:.3f} s, barman restore "
+                                  f"directly {direct:.3f} s, difference {overhead:.3f} s (polled every 5 ms)",
+                             values={"p50": f"+{overhead:.3f} s"}))
+
+    def _poll_until_ended(self, server: str, op_id: str, timeout: float = 120) -> Dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            status, doc, _ = http_request(self.service.url, "GET", f"/servers/{server}/operations/{op_id}")
+            if status != 200:
+                raise SystemExit(f"bench: status of {op_id} answered {status}: {doc}")
+            if doc["status"] != "IN_PROGRESS":
+                return doc
+            time.sleep(0.005)
+        raise SystemExit(f"bench: operation {op_id} still IN_PROGRESS after {timeout} s")
+
+    def soak(self) -> None:
+        """8 connections reading statuses and lists while a writer POSTs and reads back at once."""
+        big, mid = max(self.plan.status_sizes), sorted(self.plan.list_sizes)[-2]
+        paths = []
+        for op_id in self.fixture.sample_ids(big):
+            paths += [f"/servers/{Fixture.server(big)}/operations/{op_id}",
+                      f"/servers/{Fixture.server(mid)}/operations"]
+        stop = threading.Event()
+        writer = {"posts": 0, "bad": 0, "not_found": 0}
+
+        def write_and_read_back() -> None:
+            path = f"/servers/{self.post_server}/operations"
+            while not stop.is_set():
+                writer["posts"] += 1
+                body = json.dumps({"type": "recovery", "backup_id": "latest", "remote_ssh_command": FAILING_SSH,
+                                   "destination_directory": f"/srv/pgba-bench/soak/{writer['posts']}"})
+                status, doc, location = http_request(self.service.url, "POST", path, body)
+                if status != 202:
+                    writer["bad"] += 1
+                else:
+                    for check in (location, f"{path}/{doc['operation_id']}"):
+                        got = http_request(self.service.url, "GET", check)[0]
+                        writer["not_found"] += got == 404
+                        writer["bad"] += got != 200
+                stop.wait(0.5)
+
+        thread = threading.Thread(target=write_and_read_back)
+        thread.start()
+        try:
+            result = self.measure(Load("soak", paths, 8), seconds=self.plan.soak_seconds, runs=1)
+        finally:
+            stop.set()
+            thread.join()
+        self.wait_for_workers()
+        clean = lambda r: (r.result.unexpected + r.result.socket_errors + r.result.timeouts  # noqa: E731
+                           + writer["bad"] == 0)
+        self.rows.append(Row(f"soak {self.plan.soak_seconds} s: status ({big:,}) + list ({mid:,})",
+                             f"{big:,} / {mid:,}", "8", result, "", Target("0 errors, 0 404", clean),
+                             note=f"{result.not_found} spurious 404s from the readers; a writer POSTed "
+                                  f"{writer['posts']} recoveries meanwhile and read each back at once: "
+                                  f"{writer['not_found']} 404s, {writer['bad']} other failures"))
+
+    def memory(self) -> None:
+        """RSS of each gunicorn worker before, half-way through and after plan.rss_requests requests."""
+        big, mid = max(self.plan.status_sizes), sorted(self.plan.list_sizes)[-2]
+        paths = ["/status", f"/servers/{Fixture.server(mid)}/operations"]
+        paths += [f"/servers/{Fixture.server(big)}/operations/{i}" for i in self.fixture.sample_ids(big)]
+        samples = [self.service.worker_rss_mb()]
+        done, chunk = 0, self.plan.seconds * (1 if self.plan.quick else 2)
+        for goal in (self.plan.rss_requests // 2, self.plan.rss_requests):
+            while done < goal:
+                done += self.client.run(self.service.url, Load("rss", paths, 4), chunk).requests
+            samples.append(self.service.worker_rss_mb())
+        pids = sorted(samples[0])
+        trail = "; ".join(f"pid {p}: " + " -> ".join(f"{s.get(p, float('nan')):.1f}" for s in samples)
+                          for p in pids)
+        worst = max(samples[-1].values())
+        growth = max(samples[-1].get(p, 0) - samples[1].get(p, 0) for p in pids)
+        self.rows.append(Row(f"RSS per gunicorn worker after {done:,} requests", "-", "4", None, "",
+                             Target("< 80 MB, no growth", lambda r: worst < 80 and growth <= 1.0),
+                             values={"p50": f"{worst:.1f} MB", "errors": f"+{growth:.1f} MB 2nd half"},
+                             note=f"VmRSS MB at start -> half-way -> end: {trail}"))
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="bench/run", description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="a few seconds, tiny histories, no thresholds (CI)")
+    parser.add_argument("--client", choices=("auto", "wrk", "python"), default="auto",
+                        help="load generator (default: wrk when installed, else a Python client)")
+    parser.add_argument("--json", metavar="FILE", help="also write the results to FILE as JSON")
+    parser.add_argument("--strict", action="store_true", help="exit 1 when a target is missed")
+    parser.add_argument("--serve", action="store_true",
+                        help="only build the histories and start gunicorn, then wait (for profiling)")
+    args = parser.parse_args(argv)
+    plan = Plan.make(args.quick)
+    if args.client == "wrk" or (args.client == "auto" and shutil.which("wrk")):
+        if not shutil.which("wrk"):
+            parser.error("wrk is not installed")
+    workdir = Path(tempfile.mkdtemp(prefix="pgba-bench-"))
+    client = Wrk(workdir) if args.client == "wrk" or (args.client == "auto" and shutil.which("wrk")) \
+        else PythonClient()
+    service = None
+    try:
+        started = time.monotonic()
+        sizes = tuple(sorted(set(plan.list_sizes + plan.status_sizes)))
+        fixture = Fixture(workdir, sizes)
+        print(f"bench: {sum(sizes):,} synthetic operations written in {time.monotonic() - started:.1f} s "
+              f"under {workdir}", file=sys.stderr)
+        service = Gunicorn(fixture)
+        if args.serve:
+            print(f"{service.url}  servers: {', '.join(Fixture.server(n) for n in sizes)}  "
+                  f"worker pids: {service.worker_pids()}  (Ctrl-C stops)", flush=True)
+            signal.sigwait({signal.SIGINT, signal.SIGTERM})
+            return 0
+        bench = Bench(plan, client, fixture, service)
+        print(machine_line(client))
+        bench.reads()
+        bench.posts()
+        bench.recovery_overhead()
+        bench.soak()
+        bench.memory()
+        what = "quick run: tiny histories, 1 run of 1 s each, no thresholds" if plan.quick else \
+            f"medians of {plan.runs} runs of {plan.seconds} s"
+        print(f"pg-backup-api benchmark ({what}; gunicorn 2 sync workers; {client.name}; "
+              f"{time.monotonic() - started:.0f} s in all)")
+        print_table(bench.rows, plan.quick)
+        if args.json:
+            Path(args.json).write_text(json.dumps(
+                {"machine": machine_line(client), "quick": plan.quick,
+                 "rows": [{"scenario": r.scenario, "ops": r.ops, "connections": r.connections,
+                           "result": r.result.__dict__ if r.result else None, "values": r.values,
+                           "reference": r.reference, "target": r.target.text if r.target else None,
+                           "verdict": r.verdict(plan.quick), "note": r.note} for r in bench.rows]}, indent=2))
+        if plan.quick:
+            broken = [r.scenario for r in bench.rows if r.result and r.result.requests == 0]
+            if broken:
+                print(f"bench: no request completed in: {', '.join(broken)}", file=sys.stderr)
+                return 1
+            return 0
+        return 1 if args.strict and any(r.verdict(False) == "MISSED" for r in bench.rows) else 0
+    finally:
+        if service is not None:
+            service.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
