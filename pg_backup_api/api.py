@@ -109,6 +109,31 @@ def diagnose() -> Response:
     return jsonify(_service().diagnose())
 
 
+@bp.get("/servers")
+def list_servers() -> Response:
+    return jsonify({"servers": _service().list_servers()})
+
+
+@bp.get("/servers/<server_name>")
+def server_status(server_name: str) -> Response:
+    return jsonify(_service().server_status(server_name))
+
+
+@bp.get("/servers/<server_name>/backups")
+def list_backups(server_name: str) -> Response:
+    return jsonify({"backups": _service().list_backups(server_name)})
+
+
+@bp.get("/servers/<server_name>/backups/<backup_id>")
+def show_backup(server_name: str, backup_id: str) -> Response:
+    return jsonify(_service().show_backup(server_name, backup_id))
+
+
+@bp.get("/servers/<server_name>/check")
+def check_server(server_name: str) -> Response:
+    return jsonify(_service().check_server(server_name))
+
+
 @bp.get("/servers/<server_name>/operations")
 @bp.get("/operations", defaults={"server_name": None})
 def list_operations(server_name: Optional[str]) -> Response:

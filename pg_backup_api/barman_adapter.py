@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -18,7 +19,14 @@ import barman
 from barman.config import Config
 from barman.infofile import BackupInfo
 
-from pg_backup_api.errors import ConfigurationError, InvalidRequest, NoSuchBackup, NoSuchServer, Unprocessable
+from pg_backup_api.errors import (
+    BarmanUnavailable,
+    ConfigurationError,
+    InvalidRequest,
+    NoSuchBackup,
+    NoSuchServer,
+    Unprocessable,
+)
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +63,10 @@ class BarmanConfig:
     @property
     def server_names(self) -> List[str]:
         return sorted(self.config.server_names())
+
+    @property
+    def model_names(self) -> List[str]:
+        return sorted(self.config.model_names())
 
     def server(self, name: str) -> Any:
         """The ServerConfig of *name*, or NoSuchServer."""
@@ -168,28 +180,35 @@ def _backup(info: Any) -> Backup:
     return Backup(info.backup_id, info.status, end, tuple(t.name for t in (info.tablespaces or ())))
 
 
+def _lookup(server: Any, backups: Dict[str, Any], requested: str, target_time: Optional[str] = None,
+            target_lsn: Optional[str] = None) -> Optional[str]:
+    """The id *requested* names: an alias (matched exactly), `auto`, an id or a backup name."""
+    if requested in LATEST:
+        return server.get_last_backup_id()
+    if requested in OLDEST:
+        return server.get_first_backup_id()
+    if requested in LATEST_FULL:
+        return server.get_last_full_backup_id()
+    if requested in LAST_FAILED:
+        return server.get_last_backup_id([BackupInfo.FAILED])
+    if requested == AUTO and target_time:
+        return server.get_closest_backup_id_from_target_time(target_time, None)
+    if requested == AUTO and target_lsn:
+        return server.get_closest_backup_id_from_target_lsn(target_lsn, None)
+    if requested in backups:
+        return requested
+    named = [b.backup_id for b in backups.values() if getattr(b, "backup_name", None) == requested]
+    return named[0] if len(named) == 1 else None
+
+
 def resolve_backup(server_config: Any, requested: str, target_time: Optional[str] = None,
                    target_lsn: Optional[str] = None) -> Backup:
-    """Turn a backup id, an alias, a backup name or `auto` into the concrete backup it names now."""
+    """The concrete backup a recovery of *requested* would use now; it must be recoverable."""
+    if requested in LAST_FAILED:
+        raise Unprocessable("backup_id 'last-failed' names a failed backup, which cannot be recovered")
     server = _server(server_config)
     backups = server.get_available_backups(status_filter=BackupInfo.STATUS_ALL)
-    if requested in LATEST:
-        backup_id = server.get_last_backup_id()
-    elif requested in OLDEST:
-        backup_id = server.get_first_backup_id()
-    elif requested in LATEST_FULL:
-        backup_id = server.get_last_full_backup_id()
-    elif requested in LAST_FAILED:
-        raise Unprocessable("backup_id 'last-failed' names a failed backup, which cannot be recovered")
-    elif requested == AUTO and target_time:
-        backup_id = server.get_closest_backup_id_from_target_time(target_time, None)
-    elif requested == AUTO and target_lsn:
-        backup_id = server.get_closest_backup_id_from_target_lsn(target_lsn, None)
-    elif requested in backups:
-        backup_id = requested
-    else:
-        named = [b.backup_id for b in backups.values() if getattr(b, "backup_name", None) == requested]
-        backup_id = named[0] if len(named) == 1 else None
+    backup_id = _lookup(server, backups, requested, target_time, target_lsn)
     if backup_id is None or backup_id not in backups:
         raise NoSuchBackup(
             f"backup_id '{requested}' matches no backup of server '{server_config.name}'"
@@ -258,11 +277,124 @@ def restore_argv(config_path: str, server: str, backup_id: str, destination: str
     return [*argv, "--", server, backup_id, destination]
 
 
-def diagnose(config_path: str, timeout: float = 120) -> Dict[str, Any]:
-    """`barman diagnose` as a document, from a separate process so no Barman state leaks in here."""
-    argv = [barman_executable(), "-c", config_path, "diagnose"]
-    proc = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True,
-                          timeout=timeout, check=False)
-    if proc.returncode != 0:
-        raise ConfigurationError(f"barman diagnose failed: {proc.stderr.strip() or proc.stdout.strip()}")
-    return json.loads(proc.stdout)
+def backup_argv(config_path: str, server: str, options: Dict[str, Any]) -> List[str]:
+    argv = [barman_executable(), "-c", config_path, "backup"]
+    if options.get("name"):
+        argv.append(f"--name={options['name']}")
+    if options.get("immediate_checkpoint") is not None:
+        argv.append("--immediate-checkpoint" if options["immediate_checkpoint"] else "--no-immediate-checkpoint")
+    if options.get("incremental"):
+        argv.append(f"--incremental={options['incremental']}")
+    for key in ("jobs", "bwlimit"):
+        if options.get(key) is not None:
+            argv.append(f"--{key}={options[key]}")
+    if options.get("wait_for_wals"):
+        argv.append("--wait")
+    return [*argv, "--", server]
+
+
+def config_switch_argv(config_path: str, server: str, options: Dict[str, Any]) -> List[str]:
+    argv = [barman_executable(), "-c", config_path, "config-switch"]
+    if options.get("reset"):
+        return [*argv, "--reset", "--", server]
+    return [*argv, "--", server, options["model_name"]]
+
+
+def config_update_argv(config_path: str, changes: List[Dict[str, Any]]) -> List[str]:
+    return [barman_executable(), "-c", config_path, "config-update", "--", json.dumps(changes)]
+
+
+NEW_BACKUP_ID = re.compile(r"^Starting backup using \S+ method for server \S+ in \S*/([0-9]{8}T[0-9]{6})$",
+                           re.MULTILINE)
+
+
+def new_backup_id(output: str) -> Optional[str]:
+    """The id of the backup `barman backup` reports starting."""
+    match = NEW_BACKUP_ID.search(output)
+    return match.group(1) if match else None
+
+
+def check_version(feature: str, minimum: Tuple[int, ...]) -> None:
+    if BARMAN_VERSION < minimum:
+        raise InvalidRequest(f"{feature} needs Barman >= {'.'.join(map(str, minimum))}; "
+                             f"this host has Barman {barman.__version__}")
+
+
+def barman_json(config_path: str, *args: str, timeout: float = 120) -> Any:
+    """Run a read-only barman command with `-f json` in its own process and parse what it prints.
+
+    A separate process keeps Barman's global output state (and any memory it holds) out of
+    the service, and a slow PostgreSQL connection cannot stall more than this request.
+    """
+    argv = [barman_executable(), "-c", config_path, "-f", "json", *args]
+    try:
+        proc = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                              timeout=timeout, check=False)
+    except subprocess.TimeoutExpired:
+        raise BarmanUnavailable(f"barman {args[0]} did not answer within {timeout:.0f} s") from None
+    try:
+        document = json.loads(proc.stdout)
+    except ValueError:
+        detail = (proc.stderr or proc.stdout).strip().splitlines()
+        raise BarmanUnavailable(f"barman {args[0]} failed (exit code {proc.returncode}): "
+                                f"{detail[-1] if detail else 'no output'}") from None
+    # Barman's JSON writer reports its own errors inside the document, under these keys.
+    found = document if isinstance(document, dict) else {}
+    errors = [str(m).split("\n")[0] for key in ("_ERROR", "_EXCEPTION") for m in found.get(key, [])]
+    if errors:
+        raise BarmanUnavailable(f"barman {args[0]} failed: {'; '.join(errors)}")
+    return document
+
+
+def diagnose(config_path: str) -> Dict[str, Any]:
+    return barman_json(config_path, "diagnose")
+
+
+def server_summary(server_config: Any) -> Dict[str, Any]:
+    return {
+        "name": server_config.name,
+        "description": server_config.description,
+        "active": bool(server_config.active),
+        "disabled": bool(server_config.disabled),
+        "backup_method": server_config.backup_method,
+        "active_model": getattr(server_config, "active_model", None) and server_config.active_model.name,
+        "errors": list(server_config.msg_list),
+    }
+
+
+def _time(moment: Optional[datetime]) -> Optional[str]:
+    if moment is None:
+        return None
+    return (moment if moment.tzinfo else moment.astimezone()).isoformat()
+
+
+def backup_summary(info: Any) -> Dict[str, Any]:
+    return {
+        "backup_id": info.backup_id,
+        "name": getattr(info, "backup_name", None),
+        "status": info.status,
+        "backup_type": getattr(info, "backup_type", None),
+        "begin_time": _time(info.begin_time),
+        "end_time": _time(info.end_time),
+        "size_bytes": info.size,
+        "begin_wal": info.begin_wal,
+        "end_wal": info.end_wal,
+        "timeline": info.timeline,
+        "parent_backup_id": getattr(info, "parent_backup_id", None),
+    }
+
+
+def list_backups(server_config: Any) -> List[Dict[str, Any]]:
+    """Every backup in the catalogue, oldest first, whatever its status."""
+    backups = _server(server_config).get_available_backups(status_filter=BackupInfo.STATUS_ALL)
+    return [backup_summary(backups[i]) for i in sorted(backups)]
+
+
+def find_backup(server_config: Any, requested: str) -> str:
+    """The id *requested* names, whatever the backup's status (for reading it)."""
+    server = _server(server_config)
+    backups = server.get_available_backups(status_filter=BackupInfo.STATUS_ALL)
+    backup_id = _lookup(server, backups, requested)
+    if backup_id is None or backup_id not in backups:
+        raise NoSuchBackup(f"backup '{requested}' matches no backup of server '{server_config.name}'")
+    return backup_id

@@ -38,10 +38,12 @@ def _status(args: argparse.Namespace, settings: Settings) -> int:
     return 1
 
 
-def _recovery(args: argparse.Namespace, settings: Settings) -> int:
-    from pg_backup_api.runner import run_recovery
+def _worker(args: argparse.Namespace, settings: Settings) -> int:
+    from pg_backup_api.operations import OperationType
+    from pg_backup_api.runner import run_operation
 
-    return run_recovery(settings.barman_conf, args.server_name, args.operation_id)
+    return run_operation(OperationType(args.operation_type), settings.barman_conf,
+                         getattr(args, "server_name", None), args.operation_id)
 
 
 DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
@@ -126,10 +128,15 @@ def build_parser() -> argparse.ArgumentParser:
     token_actions.add_parser("list", help="names, scopes and creation times")
     token.set_defaults(func=_token)
 
-    recovery = commands.add_parser("recovery", help="worker: run a stored recovery operation")
-    recovery.add_argument("--server-name", required=True)
-    recovery.add_argument("--operation-id", required=True)
-    recovery.set_defaults(func=_recovery)
+    # The workers the service spawns, one per operation type (the reference's names).
+    for name, op_type, per_server in [("recovery", "recovery", True), ("run-backup", "backup", True),
+                                      ("config-switch", "config_switch", True),
+                                      ("config-update", "config_update", False)]:
+        worker = commands.add_parser(name, help=f"worker: run a stored {op_type} operation")
+        if per_server:
+            worker.add_argument("--server-name", required=True)
+        worker.add_argument("--operation-id", required=True)
+        worker.set_defaults(func=_worker, operation_type=op_type)
     return parser
 
 

@@ -33,6 +33,12 @@ class NoSuchBackup(NotFound):
     pass
 
 
+class NoSuchModel(NotFound):
+    def __init__(self, name: str, known: "list[str]") -> None:
+        super().__init__(f"model '{name}' is not in the Barman configuration "
+                         f"(models: {', '.join(known) or 'none'})")
+
+
 class Conflict(ApiError):
     status = 409
 
@@ -45,3 +51,9 @@ class ConfigurationError(ApiError):
     """Barman's configuration cannot be read: nothing can be served until it is fixed."""
 
     status = 503
+
+
+class BarmanUnavailable(ApiError):
+    """A barman command the request needed failed or timed out."""
+
+    status = 502

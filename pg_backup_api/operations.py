@@ -13,6 +13,7 @@ from pg_backup_api.store import Record
 
 class OperationType(str, Enum):
     RECOVERY = "recovery"
+    BACKUP = "backup"
     CONFIG_SWITCH = "config_switch"
     CONFIG_UPDATE = "config_update"
 
@@ -49,11 +50,12 @@ PHASE_MARKERS = (
 )
 TAIL_LINES = 20
 
-SERVER_TYPES = (OperationType.RECOVERY, OperationType.CONFIG_SWITCH)
+SERVER_TYPES = (OperationType.RECOVERY, OperationType.BACKUP, OperationType.CONFIG_SWITCH)
 INSTANCE_TYPES = (OperationType.CONFIG_UPDATE,)
 ADMIN_TYPES = (OperationType.CONFIG_SWITCH.value, OperationType.CONFIG_UPDATE.value)
 REQUEST_SCHEMAS = {
     OperationType.RECOVERY: "RecoveryRequest",
+    OperationType.BACKUP: "BackupRequest",
     OperationType.CONFIG_SWITCH: "ConfigSwitchRequest",
     OperationType.CONFIG_UPDATE: "ConfigUpdateRequest",
 }
@@ -85,6 +87,10 @@ def parse_request(body: Any, allowed: Tuple[OperationType, ...]) -> Tuple[Operat
     schema.validate(REQUEST_SCHEMAS[op_type], fields)
     if op_type is OperationType.RECOVERY:
         check_recovery_targets(fields)
+    elif op_type is OperationType.CONFIG_SWITCH:
+        check_config_switch(fields)
+    elif op_type is OperationType.CONFIG_UPDATE:
+        check_config_changes(fields["changes"])
     del fields["type"]
     return op_type, fields
 
@@ -108,6 +114,22 @@ def check_recovery_targets(fields: Dict[str, Any]) -> None:
         raise InvalidRequest("field 'exclusive' needs target_time, target_xid or target_lsn")
     if fields["backup_id"] == AUTO_BACKUP and not set(targets) & {"target_time", "target_lsn"}:
         raise InvalidRequest("backup_id 'auto' needs target_time or target_lsn to choose the backup")
+
+
+def check_config_switch(fields: Dict[str, Any]) -> None:
+    if ("model_name" in fields) == ("reset" in fields):
+        raise InvalidRequest("config_switch needs exactly one of 'model_name' and 'reset': true")
+
+
+def check_config_changes(changes: Any) -> None:
+    for i, change in enumerate(changes):
+        name_key = "server_name" if change["scope"] == "server" else "model_name"
+        other = "model_name" if name_key == "server_name" else "server_name"
+        if name_key not in change or other in change:
+            raise InvalidRequest(f"field 'changes.{i}': scope '{change['scope']}' needs '{name_key}' "
+                                 f"and no '{other}'")
+        if len(change) < 3:
+            raise InvalidRequest(f"field 'changes.{i}' changes nothing: add a key to set")
 
 
 def job_document(op_type: OperationType, fields: Dict[str, Any], start: datetime) -> Dict[str, Any]:

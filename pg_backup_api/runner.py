@@ -18,7 +18,14 @@ from pg_backup_api.store import OperationStore
 
 log = logging.getLogger(__name__)
 
-WORKER_COMMANDS = {OperationType.RECOVERY: "recovery"}
+# The worker subcommand of each type: the reference's names, and `run-backup` for backups
+# (`backup` is the client command that asks the API for one).
+WORKER_COMMANDS = {
+    OperationType.RECOVERY: "recovery",
+    OperationType.BACKUP: "run-backup",
+    OperationType.CONFIG_SWITCH: "config-switch",
+    OperationType.CONFIG_UPDATE: "config-update",
+}
 
 
 def spawn_worker(op_type: OperationType, server: str, op_id: str, store: OperationStore,
@@ -30,8 +37,9 @@ def spawn_worker(op_type: OperationType, server: str, op_id: str, store: Operati
     of init rather than of this process, which therefore has no zombie to reap: it waits
     only for setsid itself, which returns at once.
     """
+    where = ["--server-name", server] if server else []
     argv = ["setsid", "--fork", sys.executable, "-m", "pg_backup_api", WORKER_COMMANDS[op_type],
-            "--server-name", server, "--operation-id", op_id]
+            *where, "--operation-id", op_id]
     env = {**os.environ, "PG_BACKUP_API_BARMAN_CONF": barman_conf}
     with open(store.log_path(op_id), "ab") as worker_log:
         subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=worker_log, stderr=subprocess.STDOUT,
@@ -89,8 +97,22 @@ class Worker:
         return State.FAILED, f"barman exited with code {exit_code}"
 
 
-def run_recovery(barman_conf: str, server: str, op_id: str) -> int:
-    """The worker process: run the recovery a job file describes and always record its end."""
+def _argv(op_type: OperationType, barman_conf: str, server: str, job: Dict[str, Any]) -> List[str]:
+    if op_type is OperationType.RECOVERY:
+        return barman_adapter.restore_argv(
+            barman_conf, server, job.get("resolved_backup_id") or job["backup_id"],
+            job["destination_directory"], job["remote_ssh_command"],
+            {k: job[k] for k in RECOVERY_OPTIONS if k in job},
+        )
+    if op_type is OperationType.BACKUP:
+        return barman_adapter.backup_argv(barman_conf, server, job)
+    if op_type is OperationType.CONFIG_SWITCH:
+        return barman_adapter.config_switch_argv(barman_conf, server, job)
+    return barman_adapter.config_update_argv(barman_conf, job["changes"])
+
+
+def run_operation(op_type: OperationType, barman_conf: str, server: Optional[str], op_id: str) -> int:
+    """The worker process: run the operation a job file describes and always record its end."""
     store = None
     job: Dict[str, Any] = {}
     worker: Optional[Worker] = None
@@ -98,14 +120,13 @@ def run_recovery(barman_conf: str, server: str, op_id: str) -> int:
     exit_code = None
     try:
         config = barman_adapter.load_config(barman_conf)
-        config.server(server)
-        store = OperationStore(config.barman_home / server)
+        root = config.barman_home
+        if server:
+            config.server(server)
+            root = root / server
+        store = OperationStore(root)
         job = store.get(op_id).job
-        argv = barman_adapter.restore_argv(
-            barman_conf, server, job.get("resolved_backup_id") or job["backup_id"],
-            job["destination_directory"], job["remote_ssh_command"],
-            {k: job[k] for k in RECOVERY_OPTIONS if k in job},
-        )
+        argv = _argv(op_type, barman_conf, server or "", job)
         worker = Worker(store, op_id)
         exit_code, output = worker.run(argv)
     except ApiError as exc:
@@ -116,11 +137,14 @@ def run_recovery(barman_conf: str, server: str, op_id: str) -> int:
         log.error("operation %s: cannot record its end: %s", op_id, output.strip())
         return 1
     state, reason = worker.end_state(exit_code) if worker else (State.FAILED, output.strip())
-    return finish(store, op_id, job, exit_code, output, state, reason)
+    extra = {}
+    if op_type is OperationType.BACKUP and state is State.SUCCEEDED:
+        extra["new_backup_id"] = barman_adapter.new_backup_id(output)
+    return finish(store, op_id, job, exit_code, output, state, reason, extra)
 
 
 def finish(store: OperationStore, op_id: str, job: Dict[str, Any], exit_code: Optional[int],
-           output: str, state: State, reason: Optional[str]) -> int:
+           output: str, state: State, reason: Optional[str], extra: Optional[Dict[str, Any]] = None) -> int:
     """Write the output file (the first end recorded wins); the worker's exit status."""
     if not store.job_path(op_id).exists():
         log.error("operation %s has no job file: nothing to record. %s", op_id, output.strip())
@@ -135,6 +159,7 @@ def finish(store: OperationStore, op_id: str, job: Dict[str, Any], exit_code: Op
     }
     if reason:
         result["reason"] = reason
+    result.update(extra or {})
     if not store.finish(op_id, result):
         log.warning("operation %s already had its end recorded", op_id)
     log.info("operation %s ended: %s (exit code %s)", op_id, state.value, exit_code)

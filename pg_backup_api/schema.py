@@ -84,7 +84,8 @@ def _message(error: ValidationError) -> str:
     if error.validator == "additionalProperties":
         allowed = set(error.schema.get("properties", {}))
         unknown = sorted(k for k in error.instance if k not in allowed)
-        return f"unknown field(s): {', '.join(unknown)}; allowed: {', '.join(sorted(allowed))}"
+        where = f" in '{field}'" if field else ""
+        return f"unknown field(s){where}: {', '.join(unknown)}; allowed: {', '.join(sorted(allowed))}"
     if error.validator == "type":
         return f"field '{field}' must be of type {error.validator_value}"
     if error.validator in ("pattern", "minLength", "maxLength", "const", "enum"):

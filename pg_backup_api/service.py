@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional
 
 from pg_backup_api import auth, barman_adapter, processes, runner, ssh_command
-from pg_backup_api.errors import ApiError, Conflict, InvalidRequest, Unprocessable
+from pg_backup_api.errors import ApiError, Conflict, InvalidRequest, NoSuchModel, Unprocessable
 from pg_backup_api.ids import sort_key
 from pg_backup_api.operations import (
     INSTANCE_TYPES,
@@ -41,7 +41,6 @@ from pg_backup_api.store import OperationStore, Record, write_json_atomic
 log = logging.getLogger(__name__)
 
 Spawn = Callable[[OperationType, str, str, OperationStore, str], None]
-SUPPORTED_TYPES = (OperationType.RECOVERY,)
 # A worker records itself within a fraction of a second of being spawned; one that has not
 # after this long never started (the spawn failed after the job file was written).
 WORKER_START_GRACE = timedelta(seconds=60)
@@ -140,21 +139,33 @@ class Service:
         op_type, fields = parse_request(body, SERVER_TYPES if server else INSTANCE_TYPES)
         if requester:
             fields["requested_by"] = requester
-        if op_type not in SUPPORTED_TYPES:
-            raise InvalidRequest(f"operation type '{op_type.value}' is not supported yet")
+        config = self.config_source.get()
         if op_type is OperationType.RECOVERY:
-            server_config = self.config_source.get().server(server)
-            backup = barman_adapter.resolve_backup(server_config, fields["backup_id"],
+            backup = barman_adapter.resolve_backup(config.server(server), fields["backup_id"],
                                                    fields.get("target_time"), fields.get("target_lsn"))
             barman_adapter.check_recovery_against_backup(fields, backup)
             fields["resolved_backup_id"] = backup.backup_id
             target = ssh_command.parse(fields["remote_ssh_command"])
             self._check_policy(server, target, fields["destination_directory"])
-            with self._destination_claim(server, target.key, fields["destination_directory"]) as claim:
-                op_id = self._store_and_spawn(store, op_type, server, fields)
-                claim(op_id)
+            # One recovery at a time into a given directory of a given host.
+            claim_key = f"recovery\0{target.key}\0{fields['destination_directory']}"
+            busy = f"a recovery into {fields['destination_directory']} on {target.key} is already running"
+        elif op_type is OperationType.BACKUP:
+            if fields.get("incremental"):
+                fields["incremental"] = barman_adapter.resolve_backup(
+                    config.server(server), fields["incremental"]).backup_id
+            claim_key, busy = f"backup\0{server}", f"a backup of server '{server}' is already running"
+        elif op_type is OperationType.CONFIG_SWITCH:
+            barman_adapter.check_version("config_switch", (3, 10))
+            if fields.get("model_name") and fields["model_name"] not in config.model_names:
+                raise NoSuchModel(fields["model_name"], config.model_names)
+            claim_key, busy = f"config\0{server}", f"a configuration change of server '{server}' is running"
         else:
+            barman_adapter.check_version("config_update", (3, 10))
+            claim_key, busy = "config-update", "a config_update is already running"
+        with self._claim(claim_key, busy) as claim:
             op_id = self._store_and_spawn(store, op_type, server, fields)
+            claim(server, op_id)
         log.info("operation %s (%s) accepted for %s", op_id, op_type.value, server or "the instance")
         return op_id
 
@@ -187,28 +198,25 @@ class Service:
         return op_id
 
     @contextmanager
-    def _destination_claim(self, server: Optional[str], host_key: str, destination: str
-                           ) -> Iterator[Callable[[str], None]]:
-        """One recovery at a time into a (host, directory): checked and claimed under one lock.
+    def _claim(self, key: str, busy: str) -> Iterator[Callable[[Optional[str], str], None]]:
+        """At most one running operation per *key*: checked and claimed under one lock.
 
-        The lock is an flock on a file under Barman's home, so it holds across threads,
-        gunicorn workers and service instances alike.
+        Keys name what two operations must not do at once: recover into the same directory
+        of the same host, back up the same server. The lock is an flock on a file under
+        Barman's home, so it holds across threads, gunicorn workers and service instances.
         """
         claims = self.config_source.get().barman_home / "jobs" / CLAIMS_DIR
         claims.mkdir(parents=True, exist_ok=True)
-        digest = hashlib.sha256(f"{host_key}\0{destination}".encode()).hexdigest()[:32]
-        claim_path = claims / f"{digest}.claim"
+        claim_path = claims / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.claim"
         with open(claims / ".lock", "a") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             holder = self._claim_holder(claim_path)
             if holder is not None:
-                raise Conflict(
-                    f"a recovery into {destination} on {host_key} is already running: operation "
-                    f"'{holder['operation_id']}' of server '{holder['server']}'; wait for it or cancel it")
+                where = f" of server '{holder['server']}'" if holder.get("server") else ""
+                raise Conflict(f"{busy}: operation '{holder['operation_id']}'{where}; wait for it or cancel it")
 
-            def claim(op_id: str) -> None:
-                write_json_atomic(claim_path, {"server": server, "operation_id": op_id,
-                                               "host": host_key, "destination_directory": destination},
+            def claim(server: Optional[str], op_id: str) -> None:
+                write_json_atomic(claim_path, {"server": server, "operation_id": op_id, "key": key},
                                   exclusive=False)
             yield claim
 
@@ -263,8 +271,37 @@ class Service:
                                 "status": status_of(Record(op["id"], {}, output)).value})
         return removed
 
+    # -- discovery (read-only, synchronous) ----------------------------------------------------
+
     def diagnose(self) -> Dict[str, Any]:
         return barman_adapter.diagnose(self.config_source.get().path)
+
+    def list_servers(self) -> List[Dict[str, Any]]:
+        config = self.config_source.get()
+        return [barman_adapter.server_summary(config.server(name)) for name in config.server_names]
+
+    def server_status(self, server: str) -> Dict[str, Any]:
+        config = self.config_source.get()
+        summary = barman_adapter.server_summary(config.server(server))
+        status = barman_adapter.barman_json(config.path, "status", "--", server).get(server, {})
+        return {**summary, "status": status}
+
+    def list_backups(self, server: str) -> List[Dict[str, Any]]:
+        return barman_adapter.list_backups(self.config_source.get().server(server))
+
+    def show_backup(self, server: str, requested: str) -> Dict[str, Any]:
+        config = self.config_source.get()
+        backup_id = barman_adapter.find_backup(config.server(server), requested)
+        shown = barman_adapter.barman_json(config.path, "show-backup", "--", server, backup_id)
+        return shown.get(server, shown)
+
+    def check_server(self, server: str) -> Dict[str, Any]:
+        config = self.config_source.get()
+        config.server(server)
+        result = barman_adapter.barman_json(config.path, "check", "--", server).get(server, {})
+        checks = [{"name": name, "status": item.get("status"), "hint": item.get("hint", "")}
+                  for name, item in result.items()]
+        return {"server": server, "ok": all(c["status"] == "OK" for c in checks), "checks": checks}
 
 
 def paged(store: OperationStore, operations: List[Dict[str, str]], filters: Dict[str, str]) -> Dict[str, Any]:

@@ -51,14 +51,23 @@ class BarmanFiles:
 
     def add_backup(self, backup_id: str, status: str = "DONE", name: Optional[str] = None,
                    server: str = "pg") -> None:
+        """A backup.info as Barman 3.19 writes it for a streamed backup (backup_method postgres)."""
         meta = self.home / server / "meta"
         meta.mkdir(parents=True, exist_ok=True)
-        lines = [f"backup_id={backup_id}", f"status={status}",
-                 "begin_time=2026-11-27 01:00:00.000000+00:00",
-                 "end_time=2026-11-27 01:00:02.000000+00:00"]
+        info = {
+            "backup_id": backup_id, "status": status, "mode": "postgres", "server_name": server,
+            "begin_time": "2026-11-27 01:00:00.000000+00:00", "end_time": "2026-11-27 01:00:02.000000+00:00",
+            "begin_wal": "000000010000000000000003", "end_wal": "000000010000000000000003",
+            "begin_xlog": "0/3000028", "end_xlog": "0/4000000", "begin_offset": "40", "end_offset": "0",
+            "timeline": "1", "version": "150018", "size": "30702363", "deduplicated_size": "30702363",
+            "cluster_size": "30829616", "pgdata": "/srv/pg/data", "systemid": "7712678398115002518",
+            "xlog_segment_size": "16777216", "copy_stats": "{'copy_time': 1.6, 'total_time': 1.6}",
+            "data_checksums": "off", "tablespaces": "None", "compression": "None", "encryption": "None",
+            "error": "None" if status == "DONE" else "failure during backup",
+        }
         if name:
-            lines.append(f"backup_name={name}")
-        (meta / f"{backup_id}-backup.info").write_text("\n".join(lines) + "\n")
+            info["backup_name"] = name
+        (meta / f"{backup_id}-backup.info").write_text("".join(f"{k}={v}\n" for k, v in info.items()))
 
 
 @pytest.fixture

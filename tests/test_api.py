@@ -126,7 +126,11 @@ def test_a_failed_backup_is_refused_with_its_status(client):
     ({"json": {**BODY, "backup_id": None}}, 400, "field 'backup_id'"),
     ({"json": {"backup_id": "latest"}}, 400, "is required"),
     ({"json": {**BODY, "extra": 1}}, 400, "unknown field(s): extra"),
-    ({"json": {"type": "config_switch", "model_name": "m"}}, 400, "not supported yet"),
+    ({"json": {"type": "config_switch", "model_name": "m"}}, 404, "model 'm' is not in the Barman configuration"),
+    ({"json": {"type": "config_switch"}}, 400, "exactly one of 'model_name' and 'reset'"),
+    ({"json": {"type": "config_switch", "model_name": "m", "reset": True}}, 400, "exactly one of"),
+    ({"json": {"type": "backup", "name": "x;rm"}}, 400, "field 'name'"),
+    ({"json": {"type": "backup", "jobs": 0}}, 400, "field 'jobs'"),
     ({"data": "x" * 70000, "content_type": "application/json"}, 413, "larger than"),
 ])
 def test_bad_posts_get_a_json_error_and_store_nothing(client, barman_files, request_kwargs, status, words):
@@ -164,7 +168,7 @@ def test_instance_operations_list_and_404(client):
     assert client.get("/operations/20261127T093201").status_code == 404
     response = client.post("/operations", json={"type": "config_update", "changes": []})
     assert response.status_code == 400
-    assert "not supported yet" in response.json["error"]
+    assert "field 'changes'" in response.json["error"]
 
 
 def test_a_worker_that_cannot_start_leaves_a_failed_operation_not_a_lost_one(client, spawned):

@@ -46,7 +46,8 @@ def test_unknown_type_is_a_400_naming_the_field():
 
 def test_instance_types_are_not_server_types():
     assert "field 'type'" in error_of({"type": "config_update", "changes": []})
-    parsed = parse_request({"type": "config_update", "changes": []}, INSTANCE_TYPES)
+    change = {"scope": "server", "server_name": "pg", "archiver": "on"}
+    parsed = parse_request({"type": "config_update", "changes": [change]}, INSTANCE_TYPES)
     assert parsed[0] is OperationType.CONFIG_UPDATE
 
 
