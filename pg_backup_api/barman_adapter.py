@@ -55,6 +55,13 @@ class BarmanConfig:
     path: str
     config: Config
     fingerprint: Fingerprint
+    # Files beside the configuration that change it: each server's active model marker,
+    # which `barman config-switch` writes.
+    model_markers: Tuple[str, ...] = ()
+
+    def current_fingerprint(self) -> Fingerprint:
+        return _fingerprint(self.path, self.config.get("barman", "configuration_files_directory"),
+                            self.model_markers)
 
     @property
     def barman_home(self) -> Path:
@@ -76,10 +83,10 @@ class BarmanConfig:
         return server
 
 
-def _fingerprint(path: str, conf_dir: Optional[str]) -> Fingerprint:
+def _fingerprint(path: str, conf_dir: Optional[str], extra: Tuple[str, ...] = ()) -> Fingerprint:
     """What identifies the configuration's files as they are now: names, mtimes and sizes."""
     entries = []
-    paths = [path]
+    paths = [path, *extra]
     if conf_dir:
         directory = os.path.expanduser(conf_dir)
         paths.append(directory)
@@ -111,7 +118,8 @@ def load_config(path: str) -> BarmanConfig:
     if not config.barman_home:
         raise ConfigurationError(f"Barman configuration '{path}' sets no barman_home")
     conf_dir = config.get("barman", "configuration_files_directory")
-    return BarmanConfig(path, config, _fingerprint(path, conf_dir))
+    markers = tuple(os.path.join(s.backup_directory, ".active-model.auto") for s in config.servers())
+    return BarmanConfig(path, config, _fingerprint(path, conf_dir, markers), markers)
 
 
 class ConfigSource:
@@ -131,17 +139,14 @@ class ConfigSource:
 
     def get(self) -> BarmanConfig:
         current = self._current
-        if current is not None:
-            conf_dir = current.config.get("barman", "configuration_files_directory")
-            if _fingerprint(self.path, conf_dir) == current.fingerprint:
-                return current
+        if current is not None and current.current_fingerprint() == current.fingerprint:
+            return current
         with self._lock:
             return self._reload()
 
     def _reload(self) -> BarmanConfig:
         current = self._current
-        conf_dir = current.config.get("barman", "configuration_files_directory") if current else None
-        fingerprint = _fingerprint(self.path, conf_dir)
+        fingerprint = current.current_fingerprint() if current else _fingerprint(self.path, None)
         if current is not None and fingerprint == current.fingerprint:
             return current  # another thread reloaded while this one waited
         if self._error is not None and fingerprint == self._error_fingerprint:
