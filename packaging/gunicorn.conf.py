@@ -1,0 +1,66 @@
+"""gunicorn settings for pg-backup-api; install as /etc/pg-backup-api/gunicorn.conf.py.
+
+    gunicorn -c /etc/pg-backup-api/gunicorn.conf.py pg_backup_api.app:application
+
+Overridable from the environment (/etc/default/pg-backup-api under systemd):
+PG_BACKUP_API_BIND (127.0.0.1:7480), PG_BACKUP_API_WORKERS (2), PG_BACKUP_API_LOG_DIR
+(/var/log/barman), PG_BACKUP_API_LOG_LEVEL (INFO, shared with the application).
+"""
+
+import os
+import sys
+
+LOG_DIR = os.environ.get("PG_BACKUP_API_LOG_DIR", "/var/log/barman")
+
+
+def _positive_int(name: str, default: int) -> int:
+    raw = os.environ.get(name, str(default)).strip()
+    if not raw.isdigit() or int(raw) < 1:
+        raise ValueError(f"{name} must be a positive integer, not {raw!r}")
+    return int(raw)
+
+
+def _log_file(name: str) -> str:
+    """LOG_DIR/name if this user can append to it, else "-" (stderr, i.e. the journal).
+
+    A log file gunicorn cannot open would stop it from booting at all: a service without its
+    log file is better than no service.
+    """
+    path = os.path.join(LOG_DIR, name)
+    try:
+        with open(path, "a"):
+            pass
+    except OSError as exc:
+        print(f"pg-backup-api: cannot write {path} ({exc.strerror}): logging to stderr instead",
+              file=sys.stderr, flush=True)
+        return "-"
+    return path
+
+
+# Loopback only: the service trusts its reverse proxy, which authenticates clients.
+bind = [os.environ.get("PG_BACKUP_API_BIND", "127.0.0.1:7480")]
+workers = _positive_int("PG_BACKUP_API_WORKERS", 2)
+# Threads: a slow request (GET /diagnose runs `barman diagnose`, several seconds) does not hold
+# up /status or a client polling its operation.
+worker_class = "gthread"
+threads = 4
+# With gthread this is how long a worker may go without showing it is alive; the requests
+# themselves are bounded by the application (barman diagnose: 120 s) and by Apache's timeout.
+timeout = 120
+# On SIGTERM (systemctl stop/restart) requests in flight get this long to finish.
+graceful_timeout = 30
+# Headers with "_" would alias proxy-set ones (X-Client-Cert_Subject vs X-Client-Cert-Subject):
+# drop them (gunicorn's default since 22.0, stated for older versions' sake).
+header_map = "drop"
+# The heartbeat file of each worker: keep it off the disk when /dev/shm is there.
+worker_tmp_dir = "/dev/shm" if os.access("/dev/shm", os.W_OK) else None
+proc_name = "pg-backup-api"
+# gunicorn >= 25.1 opens a control socket in $HOME/.gunicorn (barman_home for the barman user)
+# unless told not to; systemd's signals are all this service needs.
+control_socket_disable = True
+
+loglevel = os.environ.get("PG_BACKUP_API_LOG_LEVEL", "info").lower()
+accesslog = _log_file("pg-backup-api-access.log")
+errorlog = _log_file("pg-backup-api.log")
+# The application logs to stderr: send that to the error log file too (when there is one).
+capture_output = True
