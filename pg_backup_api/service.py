@@ -104,9 +104,9 @@ class Service:
     def list_operations(self, server: Optional[str], filters: Optional[Dict[str, str]] = None
                         ) -> Dict[str, Any]:
         store = self._store(server)
-        for op_id in store.unfinished():
-            self._reconciled(store, store.get(op_id))
         operations = store.list()
+        for op_id in store.unfinished(operations):
+            self._reconciled(store, store.get(op_id))
         if not filters:
             return {"operations": operations}
         return paged(store, operations, filters)

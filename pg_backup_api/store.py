@@ -188,13 +188,13 @@ class OperationStore:
         except FileNotFoundError:
             return ""
 
-    def unfinished(self) -> List[str]:
-        """Ids that have a job file and no output file yet."""
+    def unfinished(self, operations: Optional[List[Dict[str, str]]] = None) -> List[str]:
+        """Ids that have a job file and no output file yet (of *operations*, a list() already made)."""
         try:
             ended = {n[:-5] for n in os.listdir(self.output_dir) if n.endswith(".json")}
         except FileNotFoundError:
             ended = set()
-        return [o["id"] for o in self.list() if o["id"] not in ended]
+        return [o["id"] for o in (self.list() if operations is None else operations) if o["id"] not in ended]
 
     def remove(self, op_id: str) -> None:
         """Forget an operation: its job file first, so it never looks in progress meanwhile."""
