@@ -137,6 +137,10 @@ def build_parser() -> argparse.ArgumentParser:
             worker.add_argument("--server-name", required=True)
         worker.add_argument("--operation-id", required=True)
         worker.set_defaults(func=_worker, operation_type=op_type)
+
+    from pg_backup_api.client import add_client_commands
+
+    add_client_commands(commands)
     return parser
 
 

@@ -1,0 +1,424 @@
+"""The client commands of `pg-backup-api`: recover, backup, operations, show, cancel, over HTTP.
+
+`requests` is imported inside the functions that talk to the API, so importing this module
+(which the `pg-backup-api` parser does for every command, workers included) stays cheap.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+import time
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, TextIO, Tuple
+from urllib.parse import quote
+
+if TYPE_CHECKING:
+    from pg_backup_api.settings import Settings
+
+DEFAULT_URL = "http://127.0.0.1:7480"
+POLL_SECONDS = 1.0
+# Polling rides out a proxy or service restart: connection errors and 502/503/504 are
+# retried for this long before --wait gives up (the operation itself is not affected).
+POLL_OUTAGE_SECONDS = 60.0
+TRANSIENT_STATUSES = (502, 503, 504)
+EXIT_INTERRUPTED = 130
+
+
+class ClientError(Exception):
+    """A request that did not get a usable answer; the message is what the user reads."""
+
+    def __init__(self, message: str, status: Optional[int] = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.status = status
+
+
+def _reason(exc: Exception) -> str:
+    """The readable part of a requests/urllib3 exception, without pool and object reprs."""
+    text = str(exc)
+    for pattern in (r"\[SSL: [A-Z_]+\] ([^()'\"]+)", r"\[Errno -?\d+\] ([^()'\"]+)"):
+        found = re.search(pattern, text)
+        if found:
+            return found.group(1).strip()
+    quoted = re.findall(r"'([^'<>]+)'", text)  # the innermost cause is quoted last
+    if quoted:
+        return re.sub(r"\s*\(_ssl\.c:\d+\)$", "", quoted[-1]).strip()
+    return exc.__class__.__name__
+
+
+class Api:
+    """One API endpoint: base URL, TLS material, token, timeout; JSON in, JSON out."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        import requests
+
+        self.url = args.url.rstrip("/")
+        self.timeout = args.timeout
+        self.session = requests.Session()
+        self.session.headers["Accept"] = "application/json"
+        if args.token:
+            self.session.headers["Authorization"] = f"Bearer {args.token}"
+        self.cert = ((args.cert, args.key) if args.key else args.cert) if args.cert else None
+        # Passed with each request: a Session's own `verify` loses to $REQUESTS_CA_BUNDLE.
+        self.verify = args.cacert or True
+
+    def call(self, method: str, path: str, body: Optional[Dict[str, Any]] = None,
+             params: Optional[Dict[str, Any]] = None) -> Any:
+        import requests
+
+        url = self.url + path
+        try:
+            response = self.session.request(method, url, json=body, params=params, timeout=self.timeout,
+                                            cert=self.cert, verify=self.verify)
+        except requests.exceptions.SSLError as exc:
+            raise ClientError(f"TLS error talking to {self.url}: {self._tls_hint(_reason(exc))}") from None
+        except requests.exceptions.Timeout:
+            raise ClientError(f"no answer from {self.url} within {self.timeout:g} s (--timeout)") from None
+        except requests.exceptions.ConnectionError as exc:
+            raise ClientError(f"cannot connect to {self.url}: {_reason(exc)}") from None
+        except (requests.exceptions.InvalidURL, requests.exceptions.MissingSchema,
+                requests.exceptions.InvalidSchema):
+            raise ClientError(f"{self.url} is not a valid URL (use e.g. {DEFAULT_URL})") from None
+        except requests.RequestException as exc:
+            raise ClientError(f"request to {url} failed: {_reason(exc)}") from None
+        except OSError as exc:  # e.g. an unreadable --cert, --key or --cacert file
+            raise ClientError(f"request to {url} failed: {exc}") from None
+        try:
+            doc = response.json()
+        except ValueError:
+            doc = None
+        if response.ok and doc is not None:
+            return doc
+        if isinstance(doc, dict) and isinstance(doc.get("error"), str):
+            raise ClientError(f"{response.status_code} {doc['error']}", response.status_code)
+        # Not the service's JSON: a proxy's page, say. Show its start, on one line.
+        text = " ".join(response.text.split())[:200] or response.reason
+        if response.ok:
+            raise ClientError(f"{response.status_code} not a JSON answer (is {self.url} pg-backup-api?): {text}",
+                              response.status_code)
+        raise ClientError(f"{response.status_code} {text}", response.status_code)
+
+    def _tls_hint(self, reason: str) -> str:
+        if "certificate verify failed" in reason and self.verify is True:
+            return f"{reason}; give the CA of the server's certificate with --cacert"
+        if "certificate verify failed" not in reason and self.cert is None:
+            return f"{reason}; does the server want a client certificate (--cert, --key)?"
+        return reason
+
+
+def _server_path(server: str, *parts: str) -> str:
+    return "/servers/" + "/".join(quote(p, safe="") for p in (server, *parts))
+
+
+# -- output ------------------------------------------------------------------------------
+
+
+def clock(seconds: float) -> str:
+    """[MM:SS], or [H:MM:SS] past an hour."""
+    minutes, secs = divmod(int(max(seconds, 0)), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"[{hours}:{minutes:02d}:{secs:02d}]" if hours else f"[{minutes:02d}:{secs:02d}]"
+
+
+class Progress:
+    """One updating line on a terminal; elsewhere a plain line each time the phase changes."""
+
+    def __init__(self, stream: TextIO, tty: bool) -> None:
+        self.stream = stream
+        self.tty = tty
+        self.last: Optional[str] = None
+        self.open_line = False
+
+    def update(self, elapsed: float, status: str, phase: str) -> None:
+        label = f"{status} {phase}".strip()
+        if self.tty:
+            self.stream.write(f"\r{clock(elapsed)} {label}\033[K")
+            self.open_line = True
+        elif label != self.last:
+            self.stream.write(f"{clock(elapsed)} {label}\n")
+        self.last = label
+        self.stream.flush()
+
+    def close(self) -> None:
+        if self.open_line:
+            self.stream.write("\n")
+            self.stream.flush()
+            self.open_line = False
+
+
+def _value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, (dict, list)):
+        return json.dumps(value)
+    return str(value)
+
+
+SHOWN_FIRST = (("type", "type"), ("backup_id", "backup"), ("resolved_backup_id", "resolved backup"),
+               ("new_backup_id", "new backup"), ("name", "name"), ("destination_directory", "destination"),
+               ("remote_ssh_command", "ssh command"), ("start_time", "started"), ("end_time", "ended"),
+               ("duration_s", "duration"), ("phase", "phase"), ("exit_code", "exit code"),
+               ("reason", "reason"), ("requested_by", "requested by"))
+NOT_SHOWN = {"operation_id", "status", "state", "output", "output_tail", "recovery_id"}
+
+
+def render_operation(doc: Dict[str, Any]) -> str:
+    """An operation's status document as aligned `label  value` lines, then its output."""
+    status = f"{doc.get('status')} ({doc['state']})" if doc.get("state") else str(doc.get("status"))
+    rows: List[Tuple[str, str]] = [("operation", str(doc.get("operation_id"))), ("status", status)]
+    for key, label in SHOWN_FIRST:
+        value = doc.get(key)
+        if key == "duration_s" and isinstance(value, (int, float)):
+            rows.append((label, f"{value:g} s"))
+        elif value is not None:
+            rows.append((label, _value(value)))
+    # Whatever else the status carries (recovery targets, options), under its field name.
+    known = {key for key, _ in SHOWN_FIRST} | NOT_SHOWN
+    rows += [(key, _value(value)) for key, value in doc.items() if key not in known and value is not None]
+    width = max(len(label) for label, _ in rows)
+    lines = [f"{label.ljust(width)}  {value}" for label, value in rows]
+    if doc.get("output_tail"):
+        lines += ["recent output:", *(f"  {line}" for line in doc["output_tail"])]
+    if doc.get("output"):
+        lines += ["output:", *(f"  {line}" for line in doc["output"].rstrip("\n").splitlines())]
+    return "\n".join(lines)
+
+
+def _fail(message: str) -> int:
+    print(f"pg-backup-api: {message}", file=sys.stderr)
+    return 1
+
+
+def _follow_hint(args: argparse.Namespace, op_id: str) -> str:
+    where = "" if args.url == DEFAULT_URL else f" --url {args.url}"
+    return (f"follow it with `pg-backup-api show{where} --server {args.server} {op_id}`, "
+            f"cancel it with `pg-backup-api cancel{where} --server {args.server} {op_id}`")
+
+
+# -- waiting -----------------------------------------------------------------------------
+
+
+def wait_for(api: Api, args: argparse.Namespace, op_id: str) -> int:
+    """Poll until the operation ends: 0 when DONE, 1 when FAILED (its output goes to stderr)."""
+    path = _server_path(args.server, "operations", op_id)
+    progress = Progress(sys.stdout, sys.stdout.isatty())
+    started = time.monotonic()
+    outage_since: Optional[float] = None
+    try:
+        while True:
+            try:
+                doc = api.call("GET", path)
+            except ClientError as exc:
+                transient = exc.status is None or exc.status in TRANSIENT_STATUSES
+                outage_since = outage_since or time.monotonic()
+                if not transient or time.monotonic() - outage_since > POLL_OUTAGE_SECONDS:
+                    progress.close()
+                    return _fail(f"{exc.message}\nstopped waiting; operation {op_id} may still be running: "
+                                 + _follow_hint(args, op_id))
+                time.sleep(POLL_SECONDS)
+                continue
+            outage_since = None
+            status = doc.get("status")
+            elapsed = doc.get("duration_s")
+            if not isinstance(elapsed, (int, float)):
+                elapsed = time.monotonic() - started
+            if status != "IN_PROGRESS":
+                progress.close()
+                return _ended(doc, op_id, elapsed)
+            progress.update(elapsed, status, doc.get("phase") or "")
+            time.sleep(POLL_SECONDS)
+    except KeyboardInterrupt:
+        progress.close()
+        print(f"pg-backup-api: stopped waiting; operation {op_id} keeps running on the server: "
+              + _follow_hint(args, op_id), file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+def _ended(doc: Dict[str, Any], op_id: str, elapsed: float) -> int:
+    if doc.get("status") == "DONE":
+        print(f"{clock(elapsed)} DONE operation {op_id} ({doc.get('type')}) in {elapsed:g} s")
+        if doc.get("new_backup_id"):
+            print(f"new backup: {doc['new_backup_id']}")
+        return 0
+    output = doc.get("output") or ""
+    if output:
+        sys.stderr.write(output if output.endswith("\n") else output + "\n")
+    why = doc.get("reason") or f"exit code {doc.get('exit_code')}"
+    print(f"{clock(elapsed)} {doc.get('status')} operation {op_id} ({doc.get('state')}): {why}", file=sys.stderr)
+    return 1
+
+
+# -- commands ----------------------------------------------------------------------------
+
+
+def _start(api: Api, args: argparse.Namespace, body: Dict[str, Any]) -> int:
+    op_id = api.call("POST", _server_path(args.server, "operations"), body)["operation_id"]
+    print(op_id, flush=True)
+    return wait_for(api, args, op_id) if args.wait else 0
+
+
+def _recover(api: Api, args: argparse.Namespace) -> int:
+    body: Dict[str, Any] = {"type": "recovery", "backup_id": args.backup,
+                            "destination_directory": args.destination, "remote_ssh_command": args.ssh_command}
+    for field in ("target_time", "target_xid", "target_lsn", "target_name", "target_action", "target_tli",
+                  "get_wal", "bwlimit", "jobs", "network_compression", "staging_wal_directory"):
+        if getattr(args, field) is not None:
+            body[field] = getattr(args, field)
+    for flag in ("target_immediate", "exclusive", "standby_mode"):
+        if getattr(args, flag):
+            body[flag] = True
+    if args.tablespaces:
+        body["tablespaces"] = args.tablespaces
+    return _start(api, args, body)
+
+
+def _backup(api: Api, args: argparse.Namespace) -> int:
+    body: Dict[str, Any] = {"type": "backup"}
+    if args.name is not None:
+        body["name"] = args.name
+    if args.immediate_checkpoint:
+        body["immediate_checkpoint"] = True
+    return _start(api, args, body)
+
+
+def _operations(api: Api, args: argparse.Namespace) -> int:
+    params = {key: getattr(args, key) for key in ("status", "type", "limit", "after")
+              if getattr(args, key) is not None}
+    doc = api.call("GET", _server_path(args.server, "operations"), params=params or None)
+    if args.json:
+        print(json.dumps(doc, indent=2))
+        return 0
+    operations = doc.get("operations", [])
+    if not operations:
+        print("no operations", file=sys.stderr)
+    else:
+        width = max(len("ID"), *(len(op["id"]) for op in operations))
+        print(f"{'ID'.ljust(width)}  TYPE")
+        for op in operations:
+            print(f"{op['id'].ljust(width)}  {op['type']}")
+    if doc.get("next"):
+        print(f"more: add --after {doc['next']}", file=sys.stderr)
+    return 0
+
+
+def _show(api: Api, args: argparse.Namespace) -> int:
+    doc = api.call("GET", _server_path(args.server, "operations", args.operation_id))
+    print(json.dumps(doc, indent=2) if args.json else render_operation(doc))
+    return 0
+
+
+def _cancel(api: Api, args: argparse.Namespace) -> int:
+    doc = api.call("POST", _server_path(args.server, "operations", args.operation_id, "cancel"))
+    print(f"operation {args.operation_id}: {doc.get('status')} ({doc.get('state')})"
+          + (f": {doc['reason']}" if doc.get("reason") else ""))
+    return 0
+
+
+def _run(args: argparse.Namespace, settings: "Settings") -> int:
+    """The entry of every client command: resolve the common options, call, map errors to exit 1."""
+    args.url = args.url or os.environ.get("PG_BACKUP_API_URL") or DEFAULT_URL
+    args.token = args.token or os.environ.get("PG_BACKUP_API_TOKEN") or None
+    if args.key and not args.cert:
+        args.client_parser.error("--key needs --cert")
+    try:
+        return args.client_command(Api(args), args)
+    except ClientError as exc:
+        return _fail(exc.message)
+    except KeyboardInterrupt:
+        print("pg-backup-api: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+# -- the parser --------------------------------------------------------------------------
+
+
+def target_tli(text: str) -> Any:
+    if text in ("current", "latest"):
+        return text
+    if text.isdigit() and int(text) >= 1:
+        return int(text)
+    raise argparse.ArgumentTypeError(f"{text!r} is not a timeline: a number, 'current' or 'latest'")
+
+
+class TablespaceAction(argparse.Action):
+    """--tablespace NAME:LOCATION, repeatable, into a dict; each name once."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, value: Any,
+                 option_string: Optional[str] = None) -> None:
+        name, sep, location = str(value).partition(":")
+        if not sep or not name or not location:
+            parser.error(f"--tablespace {value!r}: use NAME:LOCATION, e.g. tbs1:/srv/pg/tbs1")
+        tablespaces = dict(getattr(namespace, self.dest) or {})
+        if name in tablespaces:
+            parser.error(f"--tablespace: tablespace {name!r} is given twice")
+        tablespaces[name] = location
+        setattr(namespace, self.dest, tablespaces)
+
+
+def _common_options() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    group = common.add_argument_group("connection")
+    group.add_argument("--url", help=f"the API's base URL (default $PG_BACKUP_API_URL or {DEFAULT_URL})")
+    group.add_argument("--cert", metavar="FILE", help="client certificate (PEM) for an mTLS proxy")
+    group.add_argument("--key", metavar="FILE", help="its private key, if not in --cert")
+    group.add_argument("--cacert", metavar="FILE", help="CA bundle to verify the server's certificate")
+    group.add_argument("--token", help="bearer token (default $PG_BACKUP_API_TOKEN)")
+    group.add_argument("--timeout", type=float, default=30.0, metavar="SECONDS",
+                       help="per request (default 30)")
+    return common
+
+
+def add_client_commands(commands: "argparse._SubParsersAction") -> None:
+    """Add recover, backup, operations, show and cancel to the `pg-backup-api` parser."""
+    common = _common_options()
+
+    def command(name: str, func: Any, help_text: str) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, parents=[common], help=help_text, description=help_text)
+        sub.add_argument("--server", required=True, help="the Barman server")
+        sub.set_defaults(func=_run, client_command=func, client_parser=sub)
+        return sub
+
+    recover = command("recover", _recover, "client: recover a backup onto a host through the API")
+    recover.add_argument("--backup", required=True, metavar="BACKUP",
+                         help="backup id, name, latest, oldest, latest-full, or auto with a time/LSN target")
+    recover.add_argument("--destination", required=True, metavar="DIR", help="data directory on the target host")
+    recover.add_argument("--ssh-command", required=True, metavar="CMD", help='e.g. "ssh postgres@db2"')
+    recover.add_argument("--target-time", metavar="T", help="ISO-8601 with an offset")
+    recover.add_argument("--target-xid", metavar="X")
+    recover.add_argument("--target-lsn", metavar="L")
+    recover.add_argument("--target-name", metavar="N")
+    recover.add_argument("--target-immediate", action="store_true")
+    recover.add_argument("--target-action", choices=("pause", "shutdown", "promote"))
+    recover.add_argument("--target-tli", type=target_tli, metavar="TLI", help="a number, current or latest")
+    recover.add_argument("--exclusive", action="store_true")
+    recover.add_argument("--standby-mode", action="store_true")
+    recover.add_argument("--get-wal", action=argparse.BooleanOptionalAction, default=None)
+    recover.add_argument("--network-compression", action=argparse.BooleanOptionalAction, default=None)
+    recover.add_argument("--bwlimit", type=int, metavar="KBPS")
+    recover.add_argument("--jobs", type=int, metavar="N")
+    recover.add_argument("--staging-wal-directory", metavar="DIR")
+    recover.add_argument("--tablespace", action=TablespaceAction, dest="tablespaces", metavar="NAME:LOCATION",
+                         help="relocate a tablespace (repeatable)")
+    recover.add_argument("--wait", action="store_true", help="follow it until it ends; exit 1 if it fails")
+
+    backup = command("backup", _backup, "client: take a backup through the API")
+    backup.add_argument("--name", help="a name to recover it by later")
+    backup.add_argument("--immediate-checkpoint", action="store_true")
+    backup.add_argument("--wait", action="store_true", help="follow it until it ends; exit 1 if it fails")
+
+    operations = command("operations", _operations, "client: list a server's operations")
+    operations.add_argument("--status", choices=("IN_PROGRESS", "DONE", "FAILED"))
+    operations.add_argument("--type", choices=("recovery", "backup", "config_switch"))
+    operations.add_argument("--limit", type=int, metavar="N")
+    operations.add_argument("--after", metavar="ID", help="the page after this id (what `more:` says)")
+    operations.add_argument("--json", action="store_true", help="print the API's JSON")
+
+    show = command("show", _show, "client: show one operation")
+    show.add_argument("operation_id", metavar="ID")
+    show.add_argument("--json", action="store_true", help="print the API's JSON")
+
+    cancel = command("cancel", _cancel, "client: cancel a running operation")
+    cancel.add_argument("operation_id", metavar="ID")
