@@ -1,0 +1,56 @@
+"""The client commands, as installed, against the real service: a recovery followed to its end."""
+
+import os
+import subprocess
+
+import pytest
+
+from .conftest import VENV
+
+pytestmark = pytest.mark.e2e
+
+CLI = str(VENV / "bin" / "pg-backup-api")
+
+
+def client(service, *args):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PG_BACKUP_API_")}
+    return subprocess.run([CLI, *args, "--url", service.url], stdin=subprocess.DEVNULL, capture_output=True,
+                          text=True, env=env, timeout=600)
+
+
+def recover(sandbox, service, destination, ssh_command):
+    return client(service, "recover", "--server", sandbox["BARMAN_SERVER"], "--backup", "latest",
+                  "--destination", destination, "--ssh-command", ssh_command, "--wait")
+
+
+def test_recover_wait_exits_0_and_the_restored_cluster_has_the_rows(sandbox, service):
+    destination = sandbox.restore_dir("e2e-client")
+    done = recover(sandbox, service, destination, sandbox["SSH_COMMAND"])
+    assert done.returncode == 0, done.stdout + done.stderr
+    lines = done.stdout.splitlines()
+    op_id = lines[0]
+    assert lines[1].endswith("IN_PROGRESS preparing")  # not a terminal: one line per phase
+    assert f" DONE operation {op_id} (recovery) in " in lines[-1]
+    assert "Traceback" not in done.stderr
+
+    shown = client(service, "show", "--server", sandbox["BARMAN_SERVER"], op_id)
+    assert shown.returncode == 0, shown.stderr
+    assert "DONE (succeeded)" in shown.stdout
+    assert f"resolved backup  {sandbox['BACKUP_ID']}" in shown.stdout
+    listed = client(service, "operations", "--server", sandbox["BARMAN_SERVER"], "--status", "DONE")
+    assert [op_id, "recovery"] in [line.split() for line in listed.stdout.splitlines()]
+
+    port = sandbox.start_copy(destination)
+    try:
+        assert sandbox.psql(port, sandbox["ROWS_QUERY"]) == sandbox["ROWS_CHECK"]
+    finally:
+        sandbox.stop_copy(destination)
+
+
+def test_a_failing_recover_wait_exits_1_with_barmans_error(sandbox, service):
+    failed = recover(sandbox, service, sandbox.restore_dir("e2e-client-unreachable"), "ssh -p 1 postgres@127.0.0.1")
+    assert failed.returncode == 1, failed.stdout + failed.stderr
+    op_id = failed.stdout.splitlines()[0]
+    assert "ERROR: Unable to connect to the target host" in failed.stderr, failed.stderr  # barman's words
+    assert f"FAILED operation {op_id} (failed): barman exited with code" in failed.stderr
+    assert "Traceback" not in failed.stderr
