@@ -325,13 +325,13 @@ def check_version(feature: str, minimum: Tuple[int, ...]) -> None:
                              f"this host has Barman {barman.__version__}")
 
 
-def barman_json(config_path: str, *args: str, timeout: float = 120) -> Any:
-    """Run a read-only barman command with `-f json` in its own process and parse what it prints.
+def barman_json(config_path: str, *args: str, timeout: float = 120, json_format: bool = True) -> Any:
+    """Run a read-only barman command in its own process and parse the JSON it prints.
 
     A separate process keeps Barman's global output state (and any memory it holds) out of
     the service, and a slow PostgreSQL connection cannot stall more than this request.
     """
-    argv = [barman_executable(), "-c", config_path, "-f", "json", *args]
+    argv = [barman_executable(), "-c", config_path, *(["-f", "json"] if json_format else []), *args]
     try:
         proc = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True,
                               timeout=timeout, check=False)
@@ -352,7 +352,8 @@ def barman_json(config_path: str, *args: str, timeout: float = 120) -> Any:
 
 
 def diagnose(config_path: str) -> Dict[str, Any]:
-    return barman_json(config_path, "diagnose")
+    # `diagnose` prints its JSON document itself; `-f json` would wrap it in a string.
+    return barman_json(config_path, "diagnose", json_format=False)
 
 
 def server_summary(server_config: Any) -> Dict[str, Any]:

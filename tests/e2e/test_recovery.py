@@ -25,7 +25,8 @@ def test_recovery_over_ssh_restores_the_rows_written_before_the_backup(sandbox, 
     status = service.wait_until_ended(server, op_id)
     assert status["status"] == "DONE", status.get("output")
     assert status["exit_code"] == 0
-    assert status["resolved_backup_id"] == sandbox["BACKUP_ID"]
+    backups = service.get(f"/servers/{server}/backups").json()["backups"]
+    assert status["resolved_backup_id"] == [b["backup_id"] for b in backups if b["status"] == "DONE"][-1]
     assert {"id": op_id, "type": "recovery"} in service.get(f"/servers/{server}/operations").json()["operations"]
 
     port = sandbox.start_copy(destination)
