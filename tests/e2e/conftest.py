@@ -32,6 +32,17 @@ def unavailable(reason: str) -> None:
     pytest.skip(f"end-to-end stack unavailable: {reason} (run scripts/bootstrap as root)")
 
 
+def wait_for(predicate, timeout: float = 60.0, interval: float = 0.05, what: str = "condition"):
+    """Poll *predicate* until it returns something true, and return that."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"{what}: not met within {timeout} s")
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

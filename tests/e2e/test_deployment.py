@@ -27,7 +27,7 @@ import requests
 
 from pg_backup_api import processes
 
-from .conftest import ROOT, VENV, free_port, unavailable
+from .conftest import ROOT, VENV, free_port, unavailable, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -45,16 +45,6 @@ def need(*programs: str) -> None:
     for program in programs:
         if shutil.which(program) is None:
             unavailable(f"{program} is not installed")
-
-
-def wait_for(predicate, timeout: float = 60.0, interval: float = 0.05, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"{what}: not met within {timeout} s")
 
 
 def alive(pid: int) -> bool:

@@ -6,14 +6,13 @@ import json
 import os
 import signal
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
 
 from pg_backup_api import processes
 
-from .conftest import Service
+from .conftest import Service, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -24,16 +23,6 @@ def post_recovery(service, sandbox, destination, ssh_command=None):
     body = {"type": "recovery", "backup_id": "latest", "destination_directory": destination,
             "remote_ssh_command": ssh_command or sandbox["SSH_COMMAND"]}
     return service.post(f"/servers/{sandbox['BARMAN_SERVER']}/operations", json=body)
-
-
-def wait_for(predicate, timeout=60.0, interval=0.05):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError("condition not met in time")
 
 
 def jobs_dir(sandbox) -> Path:
