@@ -438,6 +438,11 @@ def print_table(rows: List[Row], quick: bool) -> None:
             print(f"  {row.scenario}: {row.note}")
 
 
+def load_average() -> str:
+    """The 1-minute load average: anything else running on the machine skews every figure."""
+    return Path("/proc/loadavg").read_text().split()[0]
+
+
 def machine_line(client: Any) -> str:
     cpu = "?"
     for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -452,7 +457,7 @@ def machine_line(client: Any) -> str:
         except metadata.PackageNotFoundError:
             return "missing"
 
-    return (f"machine: nproc {os.cpu_count()}, CPU {cpu}, {mem_kb / 1024 / 1024:.1f} GiB, "
+    return (f"machine: nproc {os.cpu_count()}, CPU {cpu}, {mem_kb / 1024 / 1024:.1f} GiB, load {load_average()}, "
             f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, {platform.system()} {platform.release()}, "
             f"Python {platform.python_version()}, barman {version('barman')}, gunicorn {version('gunicorn')}, "
             f"Flask {version('flask')}, {client.name} {client.version}")
@@ -694,6 +699,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--serve", action="store_true",
                         help="only build the histories and start gunicorn, then wait (for profiling)")
     args = parser.parse_args(argv)
+    # A SIGTERM (a CI timeout, Ctrl-C of --serve) still stops gunicorn and removes the folder.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     plan = Plan.make(args.quick)
     if args.client == "wrk" or (args.client == "auto" and shutil.which("wrk")):
         if not shutil.which("wrk"):
@@ -712,16 +719,22 @@ def main(argv: Optional[List[str]] = None) -> int:
         if args.serve:
             print(f"{service.url}  servers: {', '.join(Fixture.server(n) for n in sizes)}  "
                   f"worker pids: {service.worker_pids()}  (Ctrl-C stops)", flush=True)
-            signal.sigwait({signal.SIGINT, signal.SIGTERM})
-            return 0
+            try:
+                while True:
+                    time.sleep(3600)
+            except KeyboardInterrupt:
+                return 0
         bench = Bench(plan, client, fixture, service)
         print(machine_line(client))
+        if float(load_average()) > 0.5:
+            print(f"bench: the load average is {load_average()} before starting: other work on this machine "
+                  "will show in the figures", file=sys.stderr)
         for name in args.only:
             getattr(bench, SCENARIOS[name])()
         what = "quick run: tiny histories, 1 run of 1 s each, no thresholds" if plan.quick else \
             f"medians of {plan.runs} runs of {plan.seconds} s"
         print(f"pg-backup-api benchmark ({what}; gunicorn 2 sync workers; {client.name}; "
-              f"{time.monotonic() - started:.0f} s in all)")
+              f"{time.monotonic() - started:.0f} s in all; load average at the end {load_average()})")
         print_table(bench.rows, plan.quick)
         if args.json:
             Path(args.json).write_text(json.dumps(
