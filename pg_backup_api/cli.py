@@ -146,6 +146,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    if getattr(args, "client_command", None) is not None:
+        # A client talks to an API that may be on another host: the service's settings
+        # (and whether this user may read them) are none of its business.
+        return args.func(args, None)
     try:
         settings = Settings.from_env()
     except ValueError as exc:

@@ -317,7 +317,7 @@ def _cancel(api: Api, args: argparse.Namespace) -> int:
     return 0
 
 
-def _run(args: argparse.Namespace, settings: "Settings") -> int:
+def _run(args: argparse.Namespace, settings: "Optional[Settings]") -> int:
     """The entry of every client command: resolve the common options, call, map errors to exit 1."""
     args.url = args.url or os.environ.get("PG_BACKUP_API_URL") or DEFAULT_URL
     args.token = args.token or os.environ.get("PG_BACKUP_API_TOKEN") or None

@@ -66,3 +66,10 @@ def test_prune_needs_an_age(barman_files):
     proc = subprocess.run([sys.executable, "-m", "pg_backup_api", "prune"], capture_output=True, text=True)
     assert proc.returncode == 2
     assert "--older-than" in proc.stderr
+
+
+def test_client_commands_do_not_need_the_service_settings(monkeypatch, capsys):
+    monkeypatch.setenv("PG_BACKUP_API_CONFIG", "/nonexistent/pg-backup-api.conf")
+    monkeypatch.setenv("PG_BACKUP_API_PORT", "not-a-port")
+    assert main(["operations", "--url", "http://127.0.0.1:1", "--server", "pg"]) == 1
+    assert "cannot connect to http://127.0.0.1:1" in capsys.readouterr().err
