@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from .conftest import VENV
+from .conftest import VENV, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -60,7 +60,9 @@ def test_recovery_to_a_target_time_keeps_what_came_before_and_nothing_after(sand
     try:
         rows = sandbox.psql(copy_port, "SELECT count(*), min(label), max(id) FROM pitr_rows")
         assert rows == "10|before-1|10"
-        assert sandbox.psql(copy_port, "SELECT pg_is_in_recovery()") == "f"
+        # target_action promote: once the target is reached the cluster leaves recovery by itself.
+        wait_for(lambda: sandbox.psql(copy_port, "SELECT pg_is_in_recovery()") == "f", timeout=60,
+                 interval=0.5, what="promotion of the restored cluster")
     finally:
         sandbox.stop_copy(destination)
 
