@@ -27,6 +27,7 @@ from typing import Any, Callable, Dict, List, Optional
 
 ROOT = Path(__file__).resolve().parents[1]
 WRK_SCRIPT = Path(__file__).resolve().parent / "wrk.lua"
+PACKAGED_CONF = ROOT / "packaging" / "gunicorn.conf.py"
 VENV_BIN = Path(sys.executable).parent
 HOST = "127.0.0.1"
 # An ssh target that fails at once: nothing listens on port 1, so barman stops at its first ssh call.
@@ -176,9 +177,13 @@ def free_port() -> int:
 
 
 class Gunicorn:
-    """The service as deployed: gunicorn, 2 sync workers, on a loopback port; this checkout's code."""
+    """The service under gunicorn on a loopback port, with this checkout's code.
 
-    def __init__(self, fixture: Fixture, workers: int = 2) -> None:
+    2 sync workers as the reference was measured, or with *packaged*, the checkout's
+    packaging/gunicorn.conf.py as deployed (its log files in the benchmark's folder).
+    """
+
+    def __init__(self, fixture: Fixture, packaged: bool = False, workers: int = 2) -> None:
         self.port = free_port()
         self.url = f"http://{HOST}:{self.port}"
         self.log = fixture.root / "gunicorn.log"
@@ -190,6 +195,10 @@ class Gunicorn:
                     "PYTHONPATH": str(ROOT), "PATH": f"{VENV_BIN}:{os.environ.get('PATH', '/usr/bin:/bin')}"}
         argv = [str(VENV_BIN / "gunicorn"), "--workers", str(workers), "--worker-class", "sync",
                 "--bind", f"{HOST}:{self.port}", "pg_backup_api.app:application"]
+        if packaged:
+            self.env.update(PG_BACKUP_API_BIND=f"{HOST}:{self.port}", PG_BACKUP_API_WORKERS=str(workers),
+                            PG_BACKUP_API_LOG_DIR=str(fixture.root))
+            argv = [str(VENV_BIN / "gunicorn"), "-c", str(PACKAGED_CONF), "pg_backup_api.app:application"]
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(argv, cwd=fixture.root, env=self.env, stdin=subprocess.DEVNULL,
                                          stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -696,6 +705,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--only", type=scenario_names, default=list(SCENARIOS), metavar="NAME,...",
                         help=f"run only these scenarios, among: {', '.join(SCENARIOS)}")
     parser.add_argument("--strict", action="store_true", help="exit 1 when a target is missed")
+    parser.add_argument("--packaged", action="store_true",
+                        help="run gunicorn with packaging/gunicorn.conf.py (as deployed) instead of 2 sync workers")
     parser.add_argument("--serve", action="store_true",
                         help="only build the histories and start gunicorn, then wait (for profiling)")
     args = parser.parse_args(argv)
@@ -715,7 +726,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         fixture = Fixture(workdir, sizes)
         print(f"bench: {sum(sizes):,} synthetic operations written in {time.monotonic() - started:.1f} s "
               f"under {workdir}", file=sys.stderr)
-        service = Gunicorn(fixture)
+        if args.packaged and not PACKAGED_CONF.is_file():
+            parser.error(f"--packaged: {PACKAGED_CONF} is missing")
+        service = Gunicorn(fixture, packaged=args.packaged)
         if args.serve:
             print(f"{service.url}  servers: {', '.join(Fixture.server(n) for n in sizes)}  "
                   f"worker pids: {service.worker_pids()}  (Ctrl-C stops)", flush=True)
@@ -733,7 +746,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             getattr(bench, SCENARIOS[name])()
         what = "quick run: tiny histories, 1 run of 1 s each, no thresholds" if plan.quick else \
             f"medians of {plan.runs} runs of {plan.seconds} s"
-        print(f"pg-backup-api benchmark ({what}; gunicorn 2 sync workers; {client.name}; "
+        how = "gunicorn as packaging/gunicorn.conf.py says" if args.packaged else "gunicorn 2 sync workers"
+        print(f"pg-backup-api benchmark ({what}; {how}; {client.name}; "
               f"{time.monotonic() - started:.0f} s in all; load average at the end {load_average()})")
         print_table(bench.rows, plan.quick)
         if args.json:
