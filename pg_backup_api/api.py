@@ -10,14 +10,17 @@ from flask import Blueprint, Flask, Response, current_app, g, jsonify, request, 
 from werkzeug.exceptions import HTTPException
 
 from pg_backup_api import audit, schema
-from pg_backup_api.auth import Forbidden, allows
 from pg_backup_api.errors import ApiError, InvalidRequest
-from pg_backup_api.operations import ADMIN_TYPES, now_utc, timestamp
+from pg_backup_api.operations import now_utc, timestamp
 from pg_backup_api.service import Service
 
 log = logging.getLogger(__name__)
 
 bp = Blueprint("api", __name__)
+
+# Set by the reverse proxy from the client certificate it verified; trusted only from trusted_proxies.
+CLIENT_CERT_HEADER = "X-Client-Cert-Subject"
+OPEN_ENDPOINTS = ("api.status",)
 
 
 def _service() -> Service:
@@ -47,10 +50,6 @@ def _json_body() -> Any:
         raise InvalidRequest(f"the request body is not valid JSON: {exc}") from None
 
 
-CLIENT_CERT_HEADER = "X-Client-Cert-Subject"
-OPEN_ENDPOINTS = ("api.status",)
-
-
 @bp.before_request
 def authenticate() -> None:
     """With `auth = token`, every endpoint but /status needs a token: GET `read`, POST `operate`."""
@@ -59,13 +58,6 @@ def authenticate() -> None:
     if service.settings.auth == "token" and request.endpoint not in OPEN_ENDPOINTS:
         needed = "read" if request.method in ("GET", "HEAD") else "operate"
         g.token = service.tokens.check(request.headers.get("Authorization"), needed)
-
-
-def _require_admin_for(body: Any) -> None:
-    """Config operations change Barman's configuration: they need an `admin` token."""
-    if g.get("token") is not None and isinstance(body, dict) and body.get("type") in ADMIN_TYPES \
-            and not allows(g.token.scope, "admin"):
-        raise Forbidden(f"token '{g.token.name}' has scope '{g.token.scope}'; {body['type']} needs 'admin'")
 
 
 @bp.after_request
@@ -144,9 +136,7 @@ def list_operations(server_name: Optional[str]) -> Response:
 @bp.post("/servers/<server_name>/operations")
 @bp.post("/operations", defaults={"server_name": None})
 def create_operation(server_name: Optional[str]) -> Tuple[Response, int, dict]:
-    body = _json_body()
-    _require_admin_for(body)
-    op_id = _service().create_operation(server_name, body, _requester())
+    op_id = _service().create_operation(server_name, _json_body(), _requester(), g.get("token"))
     if server_name is None:
         location = url_for("api.get_operation", operation_id=op_id)
     else:

@@ -23,6 +23,7 @@ from pg_backup_api import auth, barman_adapter, processes, runner, ssh_command
 from pg_backup_api.errors import ApiError, Conflict, InvalidRequest, NoSuchModel, Unprocessable
 from pg_backup_api.ids import sort_key
 from pg_backup_api.operations import (
+    ADMIN_TYPES,
     INSTANCE_TYPES,
     SERVER_TYPES,
     OperationType,
@@ -134,9 +135,13 @@ class Service:
         except ApiError:
             return None
 
-    def create_operation(self, server: Optional[str], body: Any, requester: Optional[str] = None) -> str:
+    def create_operation(self, server: Optional[str], body: Any, requester: Optional[str] = None,
+                         token: Optional[auth.Token] = None) -> str:
         store = self._store(server)
         op_type, fields = parse_request(body, SERVER_TYPES if server else INSTANCE_TYPES)
+        if token is not None and op_type.value in ADMIN_TYPES and not auth.allows(token.scope, "admin"):
+            # Checked on the parsed type, so the older `operation_type` dialect cannot dodge it.
+            raise auth.Forbidden(f"token '{token.name}' has scope '{token.scope}'; {op_type.value} needs 'admin'")
         if requester:
             fields["requested_by"] = requester
         config = self.config_source.get()

@@ -75,8 +75,14 @@ def test_scopes_read_operate_admin(barman_files, spawned, tokens):
     response = client.post("/servers/pg/operations", json=switch, headers=bearer(secrets["operate"]))
     assert response.status_code == 403
     assert "needs 'admin'" in response.json["error"]
+    legacy = {"operation_type": "config_switch", "model_name": "m"}
+    response = client.post("/servers/pg/operations", json=legacy, headers=bearer(secrets["operate"]))
+    assert response.status_code == 403
+    update = {"type": "config_update", "changes": [{"scope": "server", "server_name": "pg", "archiver": "on"}]}
+    assert client.post("/operations", json=update, headers=bearer(secrets["operate"])).status_code == 403
+    assert client.post("/operations", json=update, headers=bearer(secrets["admin"])).status_code == 202
     response = client.post("/servers/pg/operations", json=switch, headers=bearer(secrets["admin"]))
-    assert response.status_code != 403
+    assert response.status_code == 404  # past the scope check: the model does not exist
 
 
 def test_tokens_are_stored_hashed_and_private(tokens):
