@@ -63,8 +63,26 @@ def is_alive(ident: ProcessIdentity) -> bool:
     return stat is not None and stat[1] == ident.start_ticks and stat[0] not in ("Z", "X")
 
 
-def group_members(pgid: int) -> "list[int]":
-    """Pids of the running (not zombie) processes of process group *pgid*."""
+# Every process a worker starts carries this variable, inherited down to rsync and ssh. A process
+# group is only a number, which the kernel hands out again once the group is empty; the marker
+# tells our processes from a stranger that happens to lead a group with the same number.
+MARKER_VARIABLE = "PG_BACKUP_API_OPERATION"
+
+
+def marker_entry(marker: str) -> str:
+    return f"{MARKER_VARIABLE}={marker}"
+
+
+def _carries(pid: int, marker: str) -> bool:
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            return marker_entry(marker).encode() in f.read().split(b"\0")
+    except OSError:
+        return False
+
+
+def group_members(pgid: int, marker: Optional[str] = None) -> "list[int]":
+    """Pids of the running (not zombie) processes of group *pgid*, carrying *marker* if given."""
     members = []
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
@@ -76,31 +94,33 @@ def group_members(pgid: int) -> "list[int]":
         except OSError:
             continue
         stat = _stat(pid)
-        if stat is not None and stat[0] not in ("Z", "X"):
+        if stat is not None and stat[0] not in ("Z", "X") and (marker is None or _carries(pid, marker)):
             members.append(pid)
     return members
 
 
-def stop_group(pgid: int, grace: float) -> bool:
-    """SIGTERM process group *pgid*, then SIGKILL whatever is left after *grace* seconds.
+def signal_members(pgid: int, marker: str, sig: int) -> None:
+    """Send *sig* to each process of group *pgid* that carries *marker*."""
+    for pid in group_members(pgid, marker):
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            pass
+
+
+def stop_group(pgid: int, marker: str, grace: float) -> bool:
+    """SIGTERM an operation's processes, then SIGKILL whatever is left after *grace* seconds.
 
     A worker leads its own session, so its group holds barman, rsync and ssh too.
-    Returns True when nothing of the group is left.
+    Returns True when none of them is left.
     """
     for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
-        if not group_members(pgid):
+        if not group_members(pgid, marker):
             return True
-        signal_group(pgid, sig)
+        signal_members(pgid, marker, sig)
         deadline = time.monotonic() + wait
         while time.monotonic() < deadline:
-            if not group_members(pgid):
+            if not group_members(pgid, marker):
                 return True
             time.sleep(0.1)
-    return not group_members(pgid)
-
-
-def signal_group(pgid: int, sig: int) -> None:
-    try:
-        os.killpg(pgid, sig)
-    except ProcessLookupError:
-        pass
+    return not group_members(pgid, marker)

@@ -40,18 +40,25 @@ def spawn_worker(op_type: OperationType, server: str, op_id: str, store: Operati
     where = ["--server-name", server] if server else []
     argv = ["setsid", "--fork", sys.executable, "-m", "pg_backup_api", WORKER_COMMANDS[op_type],
             *where, "--operation-id", op_id]
-    env = {**os.environ, "PG_BACKUP_API_BARMAN_CONF": barman_conf}
+    env = {**os.environ, "PG_BACKUP_API_BARMAN_CONF": barman_conf,
+           processes.MARKER_VARIABLE: operation_marker(server, op_id)}
     with open(store.log_path(op_id), "ab") as worker_log:
         subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=worker_log, stderr=subprocess.STDOUT,
                        env=env, close_fds=True, check=True)
 
 
+def operation_marker(server: Optional[str], op_id: str) -> str:
+    """What marks the processes of one operation (see processes.MARKER_VARIABLE)."""
+    return f"{server or ''}/{op_id}"
+
+
 class Worker:
     """Runs one stored operation to its recorded end."""
 
-    def __init__(self, store: OperationStore, op_id: str) -> None:
+    def __init__(self, store: OperationStore, server: Optional[str], op_id: str) -> None:
         self.store = store
         self.op_id = op_id
+        self.marker = operation_marker(server, op_id)
         self.child: Optional[subprocess.Popen] = None
         self.signalled: Optional[int] = None
 
@@ -71,7 +78,8 @@ class Worker:
         log.info("operation %s: running %s", self.op_id, argv)
         try:
             self.child = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                          stderr=subprocess.STDOUT)
+                                          stderr=subprocess.STDOUT,
+                                          env={**os.environ, processes.MARKER_VARIABLE: self.marker})
         except OSError as exc:
             return 127, f"pg-backup-api: cannot run {argv[0]}: {exc.strerror}\n"
         output = []
@@ -124,10 +132,10 @@ def run_operation(op_type: OperationType, barman_conf: str, server: Optional[str
         if server:
             config.server(server)
             root = root / server
-        store = OperationStore(root)
+        store = OperationStore(root, server)
         job = store.get(op_id).job
         argv = _argv(op_type, barman_conf, server or "", job)
-        worker = Worker(store, op_id)
+        worker = Worker(store, server, op_id)
         exit_code, output = worker.run(argv)
     except ApiError as exc:
         output = f"pg-backup-api: {exc.message}\n"

@@ -67,7 +67,7 @@ class Service:
         with self._stores_lock:
             store = self._stores.get(root)
             if store is None:
-                store = self._stores[root] = OperationStore(root)
+                store = self._stores[root] = OperationStore(root, server)
             return store
 
     # -- reads ---------------------------------------------------------------------------
@@ -83,7 +83,8 @@ class Service:
                 return record
             reason = f"the worker (pid {ident.pid}) ended without recording a result"
             # What it started may still run: stop it rather than let it write on unwatched.
-            processes.signal_group(ident.pid, signal.SIGTERM)
+            processes.signal_members(ident.pid, runner.operation_marker(store.server, record.op_id),
+                                     signal.SIGTERM)
         else:
             started = parse_time(record.job.get("start_time"))
             if started is None or now_utc() - started < WORKER_START_GRACE:
@@ -245,14 +246,15 @@ class Service:
         worker = store.read_worker(op_id)
         if worker is not None:
             pgid = processes.ProcessIdentity.from_json(worker).pid
-            if not processes.stop_group(pgid, self.settings.cancel_grace):
+            if not processes.stop_group(pgid, runner.operation_marker(server, op_id), self.settings.cancel_grace):
                 log.error("operation %s: processes of group %s survived SIGKILL", op_id, pgid)
             # The worker records `canceled` itself once barman is gone; give it a moment.
             deadline = time.monotonic() + 5
             while store.read_output(op_id) is None and time.monotonic() < deadline:
                 time.sleep(0.05)
-        runner.finish(store, op_id, record.job, None, store.read_progress(op_id), State.CANCELED,
-                      "canceled on request")
+        if store.read_output(op_id) is None:  # the worker had not started, or was killed
+            runner.finish(store, op_id, record.job, None, store.read_progress(op_id), State.CANCELED,
+                          "canceled on request")
         return describe(store.get(op_id))
 
     def prune(self, older_than: timedelta, dry_run: bool, server: Optional[str] = None

@@ -86,8 +86,9 @@ class Record:
 class OperationStore:
     """The jobs/ and output/ folders of one Barman server, or of the Barman instance."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, server: Optional[str] = None) -> None:
         self.root = root
+        self.server = server  # None for the Barman instance's own operations
         self.jobs_dir = root / JOBS_DIR
         self.output_dir = root / OUTPUT_DIR
         # Job files are write-once, so a type parsed once is valid for as long as the

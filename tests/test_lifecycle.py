@@ -15,6 +15,7 @@ import pytest
 
 from pg_backup_api import create_app, processes
 from pg_backup_api.operations import now_utc, timestamp
+from pg_backup_api.runner import operation_marker
 from pg_backup_api.settings import Settings
 
 BODY = {"type": "recovery", "backup_id": "latest", "destination_directory": "/srv/pg/restore",
@@ -36,12 +37,13 @@ class RealWorkerSpawn:
             from pathlib import Path
             from pg_backup_api.runner import Worker, finish
             from pg_backup_api.store import OperationStore
-            store = OperationStore(Path({str(store.root)!r}))
-            worker = Worker(store, {op_id!r})
+            store = OperationStore(Path({str(store.root)!r}), {server!r})
+            worker = Worker(store, {server!r}, {op_id!r})
             code, out = worker.run({self.argv!r})
             finish(store, {op_id!r}, store.get({op_id!r}).job, code, out, *worker.end_state(code))
         """)
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path),
+               processes.MARKER_VARIABLE: operation_marker(server, op_id)}
         with open(store.log_path(op_id), "ab") as log:
             subprocess.run(["setsid", "--fork", sys.executable, "-c", script], stdin=subprocess.DEVNULL,
                            stdout=log, stderr=subprocess.STDOUT, env=env, check=True)

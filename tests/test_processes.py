@@ -1,0 +1,61 @@
+"""Process identity and stopping an operation's processes, with real processes."""
+
+import os
+import signal
+import subprocess
+import time
+
+from pg_backup_api import processes
+
+
+def wait_for(predicate, timeout=10):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    raise AssertionError("condition not met in time")
+
+
+def test_identity_names_one_process_for_ever():
+    proc = subprocess.Popen(["sleep", "30"])
+    try:
+        ident = processes.identity(proc.pid)
+        assert processes.is_alive(ident)
+        assert not processes.is_alive(processes.ProcessIdentity(proc.pid, ident.start_ticks + 1, ident.boot_id))
+        assert not processes.is_alive(processes.ProcessIdentity(proc.pid, ident.start_ticks, "another-boot"))
+    finally:
+        proc.kill()
+        proc.wait()
+    assert not processes.is_alive(ident)
+
+
+def test_only_the_marked_processes_of_a_group_are_stopped():
+    # One group: an unmarked sleep (a stranger that got the same group number) and a marked one.
+    group = subprocess.Popen(
+        ["bash", "-c", f"sleep 60 & {processes.marker_entry('pg/20261127T010101')} sleep 60 & wait"],
+        start_new_session=True)
+    try:
+        wait_for(lambda: len(processes.group_members(group.pid)) == 3)
+        marked = processes.group_members(group.pid, "pg/20261127T010101")
+        assert len(marked) == 1
+        assert processes.stop_group(group.pid, "pg/20261127T010101", grace=2)
+        assert len(processes.group_members(group.pid)) == 2  # bash and the stranger live on
+        assert processes.group_members(group.pid, "pg/other") == []
+    finally:
+        os.killpg(group.pid, signal.SIGKILL)
+        group.wait()
+
+
+def test_stop_group_escalates_to_sigkill():
+    group = subprocess.Popen(
+        ["bash", "-c", f"trap '' TERM; {processes.marker_entry('pg/x')} bash -c \"trap '' TERM; sleep 60\""],
+        start_new_session=True)
+    try:
+        wait_for(lambda: processes.group_members(group.pid, "pg/x"))
+        started = time.monotonic()
+        assert processes.stop_group(group.pid, "pg/x", grace=0.5)
+        assert time.monotonic() - started < 5
+    finally:
+        os.killpg(group.pid, signal.SIGKILL)
+        group.wait()
