@@ -447,9 +447,16 @@ def print_table(rows: List[Row], quick: bool) -> None:
             print(f"  {row.scenario}: {row.note}")
 
 
-def load_average() -> str:
-    """The 1-minute load average: anything else running on the machine skews every figure."""
-    return Path("/proc/loadavg").read_text().split()[0]
+def cpu_busy(seconds: float = 1.0) -> float:
+    """Percent of all CPUs busy over *seconds*: what else runs on the machine skews every figure."""
+    def sample() -> tuple:
+        fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        return sum(fields), fields[3] + fields[4]  # total, idle + iowait
+
+    total0, idle0 = sample()
+    time.sleep(seconds)
+    total1, idle1 = sample()
+    return 100.0 * (1 - (idle1 - idle0) / max(1, total1 - total0))
 
 
 def machine_line(client: Any) -> str:
@@ -466,7 +473,7 @@ def machine_line(client: Any) -> str:
         except metadata.PackageNotFoundError:
             return "missing"
 
-    return (f"machine: nproc {os.cpu_count()}, CPU {cpu}, {mem_kb / 1024 / 1024:.1f} GiB, load {load_average()}, "
+    return (f"machine: nproc {os.cpu_count()}, CPU {cpu}, {mem_kb / 1024 / 1024:.1f} GiB, "
             f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, {platform.system()} {platform.release()}, "
             f"Python {platform.python_version()}, barman {version('barman')}, gunicorn {version('gunicorn')}, "
             f"Flask {version('flask')}, {client.name} {client.version}")
@@ -721,6 +728,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         else PythonClient()
     service = None
     try:
+        busy_before = cpu_busy()
+        if busy_before > 10:
+            print(f"bench: the CPUs are {busy_before:.0f}% busy before starting: other work on this machine "
+                  "will show in the figures", file=sys.stderr)
         started = time.monotonic()
         sizes = tuple(sorted(set(plan.list_sizes + plan.status_sizes)))
         fixture = Fixture(workdir, sizes)
@@ -739,16 +750,16 @@ def main(argv: Optional[List[str]] = None) -> int:
                 return 0
         bench = Bench(plan, client, fixture, service)
         print(machine_line(client))
-        if float(load_average()) > 0.5:
-            print(f"bench: the load average is {load_average()} before starting: other work on this machine "
-                  "will show in the figures", file=sys.stderr)
         for name in args.only:
             getattr(bench, SCENARIOS[name])()
         what = "quick run: tiny histories, 1 run of 1 s each, no thresholds" if plan.quick else \
             f"medians of {plan.runs} runs of {plan.seconds} s"
+        service.stop()
+        busy_after = cpu_busy()
         how = "gunicorn as packaging/gunicorn.conf.py says" if args.packaged else "gunicorn 2 sync workers"
         print(f"pg-backup-api benchmark ({what}; {how}; {client.name}; "
-              f"{time.monotonic() - started:.0f} s in all; load average at the end {load_average()})")
+              f"{time.monotonic() - started:.0f} s in all; other CPU use: {busy_before:.0f}% before, "
+              f"{busy_after:.0f}% after)")
         print_table(bench.rows, plan.quick)
         if args.json:
             Path(args.json).write_text(json.dumps(
