@@ -14,10 +14,11 @@ import logging
 import os
 import tempfile
 import threading
+import time
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 from pg_backup_api import ids
 from pg_backup_api.errors import ApiError, NoSuchOperation
@@ -66,6 +67,22 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+# A directory's mtime moves whenever an entry is added or removed, but only at the clock tick
+# the file system uses (a few milliseconds): two changes within one tick share one mtime.
+# So a cached listing is trusted only once its directory has been still for longer than that
+# (on a network file system whose clock runs behind, keep the clocks in sync).
+SETTLE_NS = 1_000_000_000
+
+
+def _settled_stamp(directory: Path) -> Optional[int]:
+    """The directory's mtime, or None if it is missing or changed too recently to trust."""
+    try:
+        mtime = os.stat(directory).st_mtime_ns
+    except FileNotFoundError:
+        return None
+    return mtime if time.time_ns() - mtime > SETTLE_NS else None
+
+
 def _read_json(path: Path) -> Dict[str, Any]:
     with open(path) as f:
         data = json.load(f)
@@ -96,6 +113,10 @@ class OperationStore:
         self._types: Dict[str, str] = {}
         # Output files are write-once too: how an operation ended never changes.
         self._ends: Dict[str, Dict[str, Any]] = {}
+        # The last listings of jobs/ and output/, valid while their directory is unchanged.
+        self._listing: Tuple[Optional[int], List[Dict[str, str]]] = (None, [])
+        self._ended: Tuple[Optional[int], frozenset] = (None, frozenset())
+        self._pending: Tuple[Optional[list], Optional[frozenset], List[str]] = (None, None, [])
         self._lock = threading.Lock()
 
     def job_path(self, op_id: str) -> Path:
@@ -191,11 +212,20 @@ class OperationStore:
 
     def unfinished(self, operations: Optional[List[Dict[str, str]]] = None) -> List[str]:
         """Ids that have a job file and no output file yet (of *operations*, a list() already made)."""
-        try:
-            ended = {n[:-5] for n in os.listdir(self.output_dir) if n.endswith(".json")}
-        except FileNotFoundError:
-            ended = set()
-        return [o["id"] for o in (self.list() if operations is None else operations) if o["id"] not in ended]
+        listing = self.list() if operations is None else operations
+        stamp = _settled_stamp(self.output_dir)
+        cached_stamp, ended = self._ended
+        if stamp is None or stamp != cached_stamp:
+            try:
+                ended = frozenset(n[:-5] for n in os.listdir(self.output_dir) if n.endswith(".json"))
+            except FileNotFoundError:
+                ended = frozenset()
+            self._ended = (stamp, ended)
+        cached_listing, cached_ended, pending = self._pending
+        if cached_listing is not listing or cached_ended is not ended:
+            pending = [o["id"] for o in listing if o["id"] not in ended]
+            self._pending = (listing, ended, pending)
+        return pending
 
     def remove(self, op_id: str) -> None:
         """Forget an operation: its job file first, so it never looks in progress meanwhile."""
@@ -227,7 +257,11 @@ class OperationStore:
         return True
 
     def list(self) -> List[Dict[str, str]]:
-        """[{"id", "type"}] of every operation, oldest first."""
+        """[{"id", "type"}] of every operation, oldest first. The caller must not change it."""
+        stamp = _settled_stamp(self.jobs_dir)
+        cached_stamp, listing = self._listing
+        if stamp is not None and stamp == cached_stamp:
+            return listing
         try:
             names = os.listdir(self.jobs_dir)
         except FileNotFoundError:
@@ -246,4 +280,6 @@ class OperationStore:
                         continue
                 known[op_id] = op_type
             self._types = known
-        return [{"id": i, "type": t} for i, t in known.items()]
+            listing = [{"id": i, "type": t} for i, t in known.items()]
+            self._listing = (stamp, listing)
+        return listing
