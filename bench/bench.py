@@ -19,11 +19,12 @@ import tempfile
 import textwrap
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta, timezone
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, Iterator, List, Optional
 
 ROOT = Path(__file__).resolve().parents[1]
 WRK_SCRIPT = Path(__file__).resolve().parent / "wrk.lua"
@@ -537,6 +538,14 @@ class Bench:
             self.rows.append(Row("GET the operations list", f"{n:,}", "1",
                                  self.measure(Load(f"list, {n} ops", [f"/servers/{Fixture.server(n)}/operations"])),
                                  reference, target))
+        # jobs/ changing all the time: a listing cached on the folder's mtime is seldom valid.
+        server = Fixture.server(biggest)
+        with self.writer("list") as writer:
+            busy = self.measure(Load(f"list, {biggest} ops, POSTs arriving", [f"/servers/{server}/operations"]))
+        self.wait_for_workers()
+        self.rows.append(Row("the list while a POST arrives every 0.5 s", f"{biggest:,}", "1", busy,
+                             note=f"{writer['posts']} recoveries POSTed to the listed server meanwhile, "
+                                  f"{writer['bad']} failures"))
         lists = dict((n, r.result.p50_ms) for n, r in self._rows_by_size("GET the operations list"))
         lo, hi = min(lists), max(lists)
         per_op_us = (lists[hi] - lists[lo]) / (hi - lo) * 1000 if hi > lo else 0.0
@@ -629,6 +638,36 @@ class Bench:
             time.sleep(0.005)
         raise SystemExit(f"bench: operation {op_id} still IN_PROGRESS after {timeout} s")
 
+    @contextmanager
+    def writer(self, tag: str, period: float = 0.5) -> Iterator[Dict[str, int]]:
+        """A thread that POSTs a recovery every *period* s and at once GETs it back, twice."""
+        stop = threading.Event()
+        counts = {"posts": 0, "bad": 0, "not_found": 0}
+        path = f"/servers/{self.post_server}/operations"
+
+        def write_and_read_back() -> None:
+            while not stop.is_set():
+                counts["posts"] += 1
+                body = json.dumps({"type": "recovery", "backup_id": "latest", "remote_ssh_command": FAILING_SSH,
+                                   "destination_directory": f"/srv/pgba-bench/{tag}/{counts['posts']}"})
+                status, doc, location = http_request(self.service.url, "POST", path, body)
+                if status != 202:
+                    counts["bad"] += 1
+                else:
+                    for check in (location, f"{path}/{doc['operation_id']}"):
+                        got = http_request(self.service.url, "GET", check)[0]
+                        counts["not_found"] += got == 404
+                        counts["bad"] += got != 200
+                stop.wait(period)
+
+        thread = threading.Thread(target=write_and_read_back)
+        thread.start()
+        try:
+            yield counts
+        finally:
+            stop.set()
+            thread.join()
+
     def soak(self) -> None:
         """8 connections reading statuses and lists while a writer POSTs and reads back at once."""
         big, mid = max(self.plan.status_sizes), sorted(self.plan.list_sizes)[-2]
@@ -636,32 +675,8 @@ class Bench:
         for op_id in self.fixture.sample_ids(big):
             paths += [f"/servers/{Fixture.server(big)}/operations/{op_id}",
                       f"/servers/{Fixture.server(mid)}/operations"]
-        stop = threading.Event()
-        writer = {"posts": 0, "bad": 0, "not_found": 0}
-
-        def write_and_read_back() -> None:
-            path = f"/servers/{self.post_server}/operations"
-            while not stop.is_set():
-                writer["posts"] += 1
-                body = json.dumps({"type": "recovery", "backup_id": "latest", "remote_ssh_command": FAILING_SSH,
-                                   "destination_directory": f"/srv/pgba-bench/soak/{writer['posts']}"})
-                status, doc, location = http_request(self.service.url, "POST", path, body)
-                if status != 202:
-                    writer["bad"] += 1
-                else:
-                    for check in (location, f"{path}/{doc['operation_id']}"):
-                        got = http_request(self.service.url, "GET", check)[0]
-                        writer["not_found"] += got == 404
-                        writer["bad"] += got != 200
-                stop.wait(0.5)
-
-        thread = threading.Thread(target=write_and_read_back)
-        thread.start()
-        try:
+        with self.writer("soak") as writer:
             result = self.measure(Load("soak", paths, 8), seconds=self.plan.soak_seconds, runs=1)
-        finally:
-            stop.set()
-            thread.join()
         self.wait_for_workers()
         clean = lambda r: (r.result.unexpected + r.result.socket_errors + r.result.timeouts  # noqa: E731
                            + writer["bad"] == 0)
