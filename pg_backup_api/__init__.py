@@ -3,18 +3,26 @@
 from __future__ import annotations
 
 import logging
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
-from flask import Flask
+if TYPE_CHECKING:
+    from flask import Flask
+
+    from pg_backup_api.service import Spawn
+    from pg_backup_api.settings import Settings
 
 __version__ = "0.1.0"
 
 
-def create_app(settings: Optional["Settings"] = None, spawn: Optional["Spawn"] = None) -> Flask:  # noqa: F821
+def create_app(settings: Optional["Settings"] = None, spawn: Optional["Spawn"] = None) -> "Flask":
     """The application factory; *settings* default to the PG_BACKUP_API_* environment.
 
     *spawn* replaces how workers are started: tests use it to stay in-process.
     """
+    # Imported here, not at the top: the worker (`python -m pg_backup_api recovery ...`) imports
+    # this package too, and each recovery would pay for Flask's import otherwise.
+    from flask import Flask
+
     from pg_backup_api.api import bp, register_error_handlers
     from pg_backup_api.errors import ApiError
     from pg_backup_api.runner import spawn_worker

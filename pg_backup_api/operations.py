@@ -6,7 +6,6 @@ from datetime import datetime, timezone
 from enum import Enum
 from typing import Any, Dict, Optional, Tuple
 
-from pg_backup_api import schema
 from pg_backup_api.errors import InvalidRequest
 from pg_backup_api.store import Record
 
@@ -84,6 +83,8 @@ def parse_request(body: Any, allowed: Tuple[OperationType, ...]) -> Tuple[Operat
     if not isinstance(raw_type, str) or raw_type not in {t.value for t in allowed}:
         raise InvalidRequest(f"field 'type' must be one of: {names}; got {raw_type!r}")
     op_type = OperationType(raw_type)
+    from pg_backup_api import schema  # jsonschema is for the service; workers never validate
+
     schema.validate(REQUEST_SCHEMAS[op_type], fields)
     if op_type is OperationType.RECOVERY:
         check_recovery_targets(fields)
