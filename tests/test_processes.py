@@ -36,9 +36,9 @@ def test_only_the_marked_processes_of_a_group_are_stopped():
         ["bash", "-c", f"sleep 60 & {processes.marker_entry('pg/20261127T010101')} sleep 60 & wait"],
         start_new_session=True)
     try:
-        wait_for(lambda: len(processes.group_members(group.pid)) == 3)
-        marked = processes.group_members(group.pid, "pg/20261127T010101")
-        assert len(marked) == 1
+        # Both sleeps have exec'd (a forked child carries the marker only once it has).
+        wait_for(lambda: len(processes.group_members(group.pid)) == 3
+                 and len(processes.group_members(group.pid, "pg/20261127T010101")) == 1)
         assert processes.stop_group(group.pid, "pg/20261127T010101", grace=2)
         assert len(processes.group_members(group.pid)) == 2  # bash and the stranger live on
         assert processes.group_members(group.pid, "pg/other") == []
