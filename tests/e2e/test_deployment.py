@@ -142,6 +142,8 @@ class Confinement:
             done
             # ... then ReadWritePaths= and the CacheDirectory= writable again.
             for p in "${rw[@]}"; do mount --bind "$p" "$p"; mount -o remount,bind,rw "$p"; done
+            # systemd starts a unit in / : the caller's directory may be hidden by the private /tmp.
+            cd /
             exec "$@"
         """
         unit = self.unit
@@ -184,14 +186,18 @@ class Gunicorn:
                 "PG_BACKUP_API_BARMAN_CONF": sandbox["BARMAN_CONF"],
                 "PG_BACKUP_API_BIND": f"127.0.0.1:{self.port}", "PG_BACKUP_API_LOG_DIR": str(self.log_dir)}
 
-    def command(self, *extra: str, app: str = APP) -> List[str]:
-        return [str(GUNICORN), "-c", str(GUNICORN_CONF), *extra, app]
+    def command(self, *extra: str, app: str = APP, conf: Path = GUNICORN_CONF) -> List[str]:
+        return [str(GUNICORN), "-c", str(conf), *extra, app]
 
     def start_confined(self, sandbox, paths: Dict[str, List[Path]]) -> "Gunicorn":
         """As the unit runs it; each start is a new invocation of the unit, with a new private /tmp."""
         self.confinement = Confinement(self.root, paths, [sandbox.directory, Path(sandbox["BARMAN_UNIX_HOME"])])
         env = {**self.env(sandbox, SYSTEMD_PATH), **self.confinement.environment()}
-        return self.start(self.confinement.argv(sandbox["BARMAN_USER"], env, self.command()))
+        # Installed where the service can see it, as /etc/pg-backup-api/gunicorn.conf.py would be: this
+        # checkout may sit under /tmp, which the unit's private /tmp hides.
+        conf = sandbox.directory / "gunicorn.conf.py"
+        shutil.copy(GUNICORN_CONF, conf)
+        return self.start(self.confinement.argv(sandbox["BARMAN_USER"], env, self.command(conf=conf)))
 
     def start_runuser(self, sandbox) -> "Gunicorn":
         env = self.env(sandbox, f"{VENV}/bin:/usr/bin:/bin")
