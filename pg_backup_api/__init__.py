@@ -23,6 +23,7 @@ def create_app(settings: Optional["Settings"] = None, spawn: Optional["Spawn"] =
     # this package too, and each recovery would pay for Flask's import otherwise.
     from flask import Flask
 
+    from pg_backup_api import barman_adapter
     from pg_backup_api.api import bp, register_error_handlers
     from pg_backup_api.errors import ApiError
     from pg_backup_api.runner import spawn_worker
@@ -40,6 +41,7 @@ def create_app(settings: Optional["Settings"] = None, spawn: Optional["Spawn"] =
         # Logged now so a broken configuration shows at start-up; requests answer 503 until fixed.
         logging.getLogger(__name__).error("%s", exc.message)
     app.extensions["pg_backup_api"] = service
+    barman_adapter.preload()
     app.register_blueprint(bp)
     register_error_handlers(app)
     return app

@@ -170,8 +170,7 @@ class Service:
             barman_adapter.check_version("config_update", (3, 10))
             claim_key, busy = "config-update", "a config_update is already running"
         with self._claim(claim_key, busy) as claim:
-            op_id = self._store_and_spawn(store, op_type, server, fields)
-            claim(server, op_id)
+            op_id = self._store_and_spawn(store, op_type, server, fields, claim)
         log.info("operation %s (%s) accepted for %s", op_id, op_type.value, server or "the instance")
         return op_id
 
@@ -190,9 +189,11 @@ class Service:
                 f"server '{server}' (allowed: {', '.join(policy.allowed_destinations)})")
 
     def _store_and_spawn(self, store: OperationStore, op_type: OperationType, server: Optional[str],
-                         fields: Dict[str, Any]) -> str:
+                         fields: Dict[str, Any], claim: Callable[[Optional[str], str], None]) -> str:
         start = now_utc()
         op_id = store.create(job_document(op_type, fields, start), start)
+        # Claimed before the worker starts: its start-up would compete with this write.
+        claim(server, op_id)
         try:
             self._spawn(op_type, server or "", op_id, store, self.settings.barman_conf)
         except Exception as exc:

@@ -15,10 +15,12 @@ import os
 import tempfile
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
+from itertools import chain
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Tuple
 
 from pg_backup_api import ids
 from pg_backup_api.errors import ApiError, NoSuchOperation
@@ -35,13 +37,10 @@ CANCEL_SUFFIX = ".cancel"  # a cancellation was asked for
 SIDE_SUFFIXES = (WORKER_LOG_SUFFIX, PROGRESS_SUFFIX, WORKER_SUFFIX, CANCEL_SUFFIX)
 
 
-def write_json_atomic(path: Path, data: Dict[str, Any], exclusive: bool, mode: int = 0o640) -> None:
-    """Write *data* to *path* so that a reader sees either no file or the whole file.
-
-    With *exclusive*, fail with FileExistsError rather than replace an existing file:
-    `os.link` of the finished temporary file is both atomic and exclusive.
-    """
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+@contextmanager
+def _written(directory: Path, name: str, data: Dict[str, Any], mode: int) -> Iterator[str]:
+    """A temporary file in *directory* holding *data*, flushed to disk; removed on leaving."""
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w") as f:
             os.fchmod(f.fileno(), mode)
@@ -49,14 +48,42 @@ def write_json_atomic(path: Path, data: Dict[str, Any], exclusive: bool, mode: i
             f.write("\n")
             f.flush()
             os.fsync(f.fileno())
-        if exclusive:
-            os.link(tmp, path)
-        else:
-            os.replace(tmp, path)
-        _fsync_dir(path.parent)
+        yield tmp
     finally:
         if os.path.lexists(tmp):
             os.unlink(tmp)
+
+
+def write_json_atomic(path: Path, data: Dict[str, Any], exclusive: bool, mode: int = 0o640) -> None:
+    """Write *data* to *path* so that a reader sees either no file or the whole file.
+
+    With *exclusive*, fail with FileExistsError rather than replace an existing file.
+    """
+    if exclusive:
+        write_json_new([path], data, mode)
+        return
+    with _written(path.parent, path.name, data, mode) as tmp:
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+
+
+def write_json_new(candidates: Iterable[Path], data: Dict[str, Any], mode: int = 0o640) -> Path:
+    """Create the first of *candidates* (in one directory) that does not exist yet, holding *data*.
+
+    The file is written once; `os.link` of it is atomic and exclusive, so a taken name costs
+    one failed link. Raises FileExistsError when every candidate is taken.
+    """
+    names = iter(candidates)
+    first = next(names)
+    with _written(first.parent, first.name, data, mode) as tmp:
+        for path in chain([first], names):
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                continue
+            _fsync_dir(path.parent)
+            return path
+    raise FileExistsError(f"every candidate name is taken, the last being {first.parent}")
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -153,13 +180,11 @@ class OperationStore:
     def create(self, fields: Dict[str, Any], now: datetime) -> str:
         """Store a new job file and return its id; concurrent callers always get distinct ids."""
         self.ensure_dirs()
-        for op_id in ids.candidates(now):
-            try:
-                write_json_atomic(self.job_path(op_id), fields, exclusive=True)
-            except FileExistsError:
-                continue
-            return op_id
-        raise ApiError("no free operation id left for this second")
+        try:
+            path = write_json_new((self.job_path(op_id) for op_id in ids.candidates(now)), fields)
+        except FileExistsError:
+            raise ApiError("no free operation id left for this second") from None
+        return path.name[:-len(".json")]
 
     def get(self, op_id: str) -> Record:
         job_path = self.job_path(op_id)
