@@ -73,3 +73,30 @@ def test_a_target_time_before_the_backup_is_refused_at_post_time(sandbox, servic
         "remote_ssh_command": sandbox["SSH_COMMAND"], "target_time": "2000-01-01T00:00:00+00:00"})
     assert response.status_code == 422
     assert "before the end of backup" in response.json()["error"]
+
+
+def test_recovery_to_a_named_restore_point(sandbox, service):
+    port = int(sandbox["PGPORT"])
+    sandbox.psql(port, "CREATE TABLE named_rows (id int PRIMARY KEY)")
+    sandbox.psql(port, "INSERT INTO named_rows SELECT generate_series(1, 5)")
+    sandbox.psql(port, "SELECT pg_create_restore_point('before_the_mistake')")
+    sandbox.psql(port, "INSERT INTO named_rows SELECT generate_series(6, 9)")
+    archive_current_wal(sandbox)
+
+    server = sandbox["BARMAN_SERVER"]
+    destination = sandbox.restore_dir("e2e-pitr-name")
+    response = service.post(f"/servers/{server}/operations", json={
+        "type": "recovery", "backup_id": "latest", "destination_directory": destination,
+        "remote_ssh_command": sandbox["SSH_COMMAND"], "target_name": "before_the_mistake",
+        "target_action": "promote"})
+    assert response.status_code == 202, response.text
+    status = service.wait_until_ended(server, response.json()["operation_id"])
+    assert status["status"] == "DONE", status.get("output")
+
+    copy_port = sandbox.start_copy(destination)
+    try:
+        wait_for(lambda: sandbox.psql(copy_port, "SELECT pg_is_in_recovery()") == "f", timeout=60,
+                 interval=0.5, what="promotion of the restored cluster")
+        assert sandbox.psql(copy_port, "SELECT count(*), max(id) FROM named_rows") == "5|5"
+    finally:
+        sandbox.stop_copy(destination)
