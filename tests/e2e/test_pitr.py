@@ -5,6 +5,8 @@ from __future__ import annotations
 import subprocess
 import threading
 import time
+from contextlib import contextmanager
+from typing import Iterator
 
 import pytest
 
@@ -33,6 +35,31 @@ def archive_current_wal(sandbox) -> None:
         ticker.join()
 
 
+def recover_promoted(sandbox, service, destination: str, **target) -> dict:
+    """POST a recovery with *target* and target_action promote; its final status once it has ended."""
+    server = sandbox["BARMAN_SERVER"]
+    response = service.post(f"/servers/{server}/operations", json={
+        "type": "recovery", "destination_directory": destination, "remote_ssh_command": sandbox["SSH_COMMAND"],
+        "target_action": "promote", **target})
+    assert response.status_code == 202, response.text
+    status = service.wait_until_ended(server, response.json()["operation_id"])
+    assert status["status"] == "DONE", status.get("output")
+    return status
+
+
+@contextmanager
+def promoted_copy(sandbox, destination: str) -> Iterator[int]:
+    """The restored cluster started, once it has reached its target and left recovery; its port."""
+    port = sandbox.start_copy(destination)
+    try:
+        # With target_action promote the cluster leaves recovery by itself, after its start.
+        wait_for(lambda: sandbox.psql(port, "SELECT pg_is_in_recovery()") == "f", timeout=60,
+                 interval=0.5, what="promotion of the restored cluster")
+        yield port
+    finally:
+        sandbox.stop_copy(destination)
+
+
 def test_recovery_to_a_target_time_keeps_what_came_before_and_nothing_after(sandbox, service):
     port = int(sandbox["PGPORT"])
     sandbox.psql(port, "CREATE TABLE pitr_rows (id int PRIMARY KEY, label text NOT NULL)")
@@ -42,29 +69,15 @@ def test_recovery_to_a_target_time_keeps_what_came_before_and_nothing_after(sand
     sandbox.psql(port, "INSERT INTO pitr_rows SELECT g, 'after-' || g FROM generate_series(11, 20) g")
     archive_current_wal(sandbox)
 
-    server = sandbox["BARMAN_SERVER"]
-    destination = sandbox.restore_dir("e2e-pitr")
-    response = service.post(f"/servers/{server}/operations", json={
-        "type": "recovery", "backup_id": "auto", "destination_directory": destination,
-        "remote_ssh_command": sandbox["SSH_COMMAND"], "target_time": target, "target_action": "promote"})
-    assert response.status_code == 202, response.text
-    status = service.wait_until_ended(server, response.json()["operation_id"])
-    assert status["status"] == "DONE", status.get("output")
+    status = recover_promoted(sandbox, service, sandbox.restore_dir("e2e-pitr"), backup_id="auto",
+                              target_time=target)
+    assert status["target_time"] == target
     # `auto` picks the newest backup that ended before the target (other tests may add backups).
-    backups = service.get(f"/servers/{server}/backups").json()["backups"]
+    backups = service.get(f"/servers/{sandbox['BARMAN_SERVER']}/backups").json()["backups"]
     ended_before = [b["backup_id"] for b in backups if b["status"] == "DONE" and b["end_time"] < target]
     assert status["resolved_backup_id"] == ended_before[-1]
-    assert status["target_time"] == target
-
-    copy_port = sandbox.start_copy(destination)
-    try:
-        rows = sandbox.psql(copy_port, "SELECT count(*), min(label), max(id) FROM pitr_rows")
-        assert rows == "10|before-1|10"
-        # target_action promote: once the target is reached the cluster leaves recovery by itself.
-        wait_for(lambda: sandbox.psql(copy_port, "SELECT pg_is_in_recovery()") == "f", timeout=60,
-                 interval=0.5, what="promotion of the restored cluster")
-    finally:
-        sandbox.stop_copy(destination)
+    with promoted_copy(sandbox, status["destination_directory"]) as copy_port:
+        assert sandbox.psql(copy_port, "SELECT count(*), min(label), max(id) FROM pitr_rows") == "10|before-1|10"
 
 
 def test_a_target_time_before_the_backup_is_refused_at_post_time(sandbox, service):
@@ -83,20 +96,7 @@ def test_recovery_to_a_named_restore_point(sandbox, service):
     sandbox.psql(port, "INSERT INTO named_rows SELECT generate_series(6, 9)")
     archive_current_wal(sandbox)
 
-    server = sandbox["BARMAN_SERVER"]
-    destination = sandbox.restore_dir("e2e-pitr-name")
-    response = service.post(f"/servers/{server}/operations", json={
-        "type": "recovery", "backup_id": "latest", "destination_directory": destination,
-        "remote_ssh_command": sandbox["SSH_COMMAND"], "target_name": "before_the_mistake",
-        "target_action": "promote"})
-    assert response.status_code == 202, response.text
-    status = service.wait_until_ended(server, response.json()["operation_id"])
-    assert status["status"] == "DONE", status.get("output")
-
-    copy_port = sandbox.start_copy(destination)
-    try:
-        wait_for(lambda: sandbox.psql(copy_port, "SELECT pg_is_in_recovery()") == "f", timeout=60,
-                 interval=0.5, what="promotion of the restored cluster")
+    status = recover_promoted(sandbox, service, sandbox.restore_dir("e2e-pitr-name"), backup_id="latest",
+                              target_name="before_the_mistake")
+    with promoted_copy(sandbox, status["destination_directory"]) as copy_port:
         assert sandbox.psql(copy_port, "SELECT count(*), max(id) FROM named_rows") == "5|5"
-    finally:
-        sandbox.stop_copy(destination)
