@@ -44,6 +44,10 @@ def create_app(settings: Optional["Settings"] = None, spawn: Optional["Spawn"] =
     app.extensions["pg_backup_api"] = service
     barman_adapter.preload()
     app.register_blueprint(bp)
+    # No automatic OPTIONS: its empty text/html answer would be the one response that is not JSON
+    # (browsers' CORS is not for this API); OPTIONS is then a JSON 405 like any other method.
+    for rule in app.url_map.iter_rules():
+        rule.methods.discard("OPTIONS")
     register_error_handlers(app)
     return app
 

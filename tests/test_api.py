@@ -158,9 +158,11 @@ def test_unknown_or_malformed_operation_is_404(client):
 def test_unknown_paths_and_methods_are_json_errors(client):
     assert client.get("/nope").status_code == 404
     assert client.get("/nope").json["error"].startswith("no such endpoint")
-    response = client.delete("/servers/pg/operations")
-    assert response.status_code == 405
-    assert "error" in response.json
+    for method in ("delete", "put", "patch", "options"):
+        response = getattr(client, method)("/servers/pg/operations")
+        assert response.status_code == 405
+        assert response.mimetype == "application/json"
+        assert "error" in response.json
 
 
 def test_instance_operations_list_and_404(client):
