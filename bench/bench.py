@@ -150,12 +150,14 @@ class Fixture:
             path = directory / f"{op_id}.json"
             path.write_text(json.dumps(doc, indent=2) + "\n")
             path.chmod(0o640)
-        # What this service's worker leaves beside each job file: its log, barman's output so
-        # far, and its identity. The reference's listing skips them; ours must too, at a cost.
-        (jobs / f"{op_id}.log").write_text(f"{start:%Y-%m-%d %H:%M:%S},000 4242 INFO pg_backup_api.runner: "
-                                           f"operation {op_id}: running barman restore\n")
-        (jobs / f"{op_id}.out").write_text(output["output"])
-        (jobs / f"{op_id}.worker").write_text(json.dumps({"pid": 4242, "start_ticks": 1000, "boot_id": "x"}))
+        # What this service's worker leaves for each operation, in jobs/.workers/: its log,
+        # barman's output so far, and its identity.
+        workers = jobs / ".workers"
+        workers.mkdir(exist_ok=True)
+        (workers / f"{op_id}.log").write_text(f"{start:%Y-%m-%d %H:%M:%S},000 4242 INFO pg_backup_api.runner: "
+                                              f"operation {op_id}: running barman restore\n")
+        (workers / f"{op_id}.out").write_text(output["output"])
+        (workers / f"{op_id}.worker").write_text(json.dumps({"pid": 4242, "start_ticks": 1000, "boot_id": "x"}))
 
     def sample_ids(self, n: int, count: int = 64) -> List[str]:
         ids = self.ids[n]

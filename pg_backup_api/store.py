@@ -3,6 +3,7 @@
     <barman_home>/<server>/jobs/<ID>.json     created when an operation is accepted
     <barman_home>/<server>/output/<ID>.json   created once, when the operation has ended
     <barman_home>/jobs|output/<ID>.json       the same for Barman-instance operations
+    <barman_home>/<server>/jobs/.workers/     what the workers leave beside: logs, progress, identity
 
 An operation's status follows from which files exist, so the files are the only state.
 """
@@ -29,7 +30,9 @@ log = logging.getLogger(__name__)
 
 JOBS_DIR = "jobs"
 OUTPUT_DIR = "output"
-# Beside each job file, none ending in .json so that the reference's listing ignores them:
+# In a folder of their own, so that jobs/ changes (and its listing must be read again) only when
+# an operation is created or removed, not each time a worker starts or ends; none ends in .json.
+WORKERS_DIR = ".workers"
 WORKER_LOG_SUFFIX = ".log"  # the worker's own log (its stderr)
 PROGRESS_SUFFIX = ".out"  # what barman has printed so far
 WORKER_SUFFIX = ".worker"  # who the worker is: pid, start time, boot id
@@ -135,6 +138,7 @@ class OperationStore:
         self.server = server  # None for the Barman instance's own operations
         self.jobs_dir = root / JOBS_DIR
         self.output_dir = root / OUTPUT_DIR
+        self.workers_dir = self.jobs_dir / WORKERS_DIR
         # Job files are write-once, so a type parsed once is valid for as long as the
         # file exists: listing then reads only the files it has not seen before.
         self._types: Dict[str, str] = {}
@@ -153,16 +157,16 @@ class OperationStore:
         return self.output_dir / f"{self._checked(op_id)}.json"
 
     def log_path(self, op_id: str) -> Path:
-        return self.jobs_dir / f"{self._checked(op_id)}{WORKER_LOG_SUFFIX}"
+        return self.workers_dir / f"{self._checked(op_id)}{WORKER_LOG_SUFFIX}"
 
     def progress_path(self, op_id: str) -> Path:
-        return self.jobs_dir / f"{self._checked(op_id)}{PROGRESS_SUFFIX}"
+        return self.workers_dir / f"{self._checked(op_id)}{PROGRESS_SUFFIX}"
 
     def worker_path(self, op_id: str) -> Path:
-        return self.jobs_dir / f"{self._checked(op_id)}{WORKER_SUFFIX}"
+        return self.workers_dir / f"{self._checked(op_id)}{WORKER_SUFFIX}"
 
     def cancel_path(self, op_id: str) -> Path:
-        return self.jobs_dir / f"{self._checked(op_id)}{CANCEL_SUFFIX}"
+        return self.workers_dir / f"{self._checked(op_id)}{CANCEL_SUFFIX}"
 
     @staticmethod
     def _checked(op_id: str) -> str:
@@ -172,7 +176,7 @@ class OperationStore:
 
     def ensure_dirs(self) -> None:
         try:
-            self.jobs_dir.mkdir(parents=True, exist_ok=True)
+            self.workers_dir.mkdir(parents=True, exist_ok=True)
             self.output_dir.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise ApiError(f"cannot create the operation folders under {self.root}: {exc.strerror}") from exc
@@ -205,6 +209,7 @@ class OperationStore:
             raise ApiError(f"the output file of operation '{op_id}' cannot be read: {exc}") from None
 
     def record_worker(self, op_id: str, identity: Dict[str, Any]) -> None:
+        self.workers_dir.mkdir(parents=True, exist_ok=True)
         write_json_atomic(self.worker_path(op_id), identity, exclusive=False)
 
     def read_worker(self, op_id: str) -> Optional[Dict[str, Any]]:
@@ -217,6 +222,7 @@ class OperationStore:
             return None
 
     def request_cancel(self, op_id: str, request: Dict[str, Any]) -> None:
+        self.workers_dir.mkdir(parents=True, exist_ok=True)  # none yet for a reference's job
         try:
             write_json_atomic(self.cancel_path(op_id), request, exclusive=True)
         except FileExistsError:
@@ -255,7 +261,7 @@ class OperationStore:
     def remove(self, op_id: str) -> None:
         """Forget an operation: its job file first, so it never looks in progress meanwhile."""
         for path in [self.job_path(op_id), self.output_path(op_id),
-                     *(self.jobs_dir / f"{op_id}{suffix}" for suffix in SIDE_SUFFIXES)]:
+                     *(self.workers_dir / f"{op_id}{suffix}" for suffix in SIDE_SUFFIXES)]:
             try:
                 path.unlink()
             except FileNotFoundError:

@@ -22,16 +22,16 @@ def test_durations():
 
 def write_operation(home, server, op_id, ended_days_ago=None):
     root = home / server if server else home
-    (root / "jobs").mkdir(parents=True, exist_ok=True)
+    (root / "jobs" / ".workers").mkdir(parents=True, exist_ok=True)
     (root / "output").mkdir(parents=True, exist_ok=True)
     job = {"operation_type": "recovery", "start_time": timestamp(now_utc() - timedelta(days=40))}
     (root / "jobs" / f"{op_id}.json").write_text(json.dumps(job))
-    (root / "jobs" / f"{op_id}.log").write_text("log")
+    (root / "jobs" / ".workers" / f"{op_id}.log").write_text("log")
     if ended_days_ago is not None:
         end = timestamp(now_utc() - timedelta(days=ended_days_ago))
         (root / "output" / f"{op_id}.json").write_text(json.dumps({**job, "success": True, "end_time": end}))
     else:  # running: a live worker (this test process) so it is not reported lost
-        (root / "jobs" / f"{op_id}.worker").write_text(json.dumps(_me()))
+        (root / "jobs" / ".workers" / f"{op_id}.worker").write_text(json.dumps(_me()))
 
 
 def _me():
@@ -56,9 +56,9 @@ def test_prune_removes_old_finished_operations_only(barman_files, monkeypatch, c
 
     assert main(["prune", "--older-than", "30d"]) == 0
     assert "2 operation(s) removed" in capsys.readouterr().out
-    assert sorted(os.listdir(home / "pg" / "jobs")) == [
-        "20261002T000000.json", "20261002T000000.log", "20261003T000000.json", "20261003T000000.log",
-        "20261003T000000.worker"]
+    assert sorted(os.listdir(home / "pg" / "jobs")) == [".workers", "20261002T000000.json", "20261003T000000.json"]
+    assert sorted(os.listdir(home / "pg" / "jobs" / ".workers")) == [
+        "20261002T000000.log", "20261003T000000.log", "20261003T000000.worker"]
     assert os.listdir(home / "pg" / "output") == ["20261002T000000.json"]
 
 

@@ -81,7 +81,7 @@ def status(client, op_id):
 
 
 def worker_pid(barman_files, op_id):
-    path = barman_files.home / "pg" / "jobs" / f"{op_id}.worker"
+    path = barman_files.home / "pg" / "jobs" / ".workers" / f"{op_id}.worker"
     wait_for(path.exists)
     return json.loads(path.read_text())["pid"]
 

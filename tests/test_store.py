@@ -37,12 +37,13 @@ def test_a_hundred_creations_in_the_same_second_get_distinct_ids(store):
     for t in threads:
         t.join()
     assert len(set(created)) == 100
-    assert len(os.listdir(store.jobs_dir)) == 100
+    assert len([n for n in os.listdir(store.jobs_dir) if n.endswith(".json")]) == 100
 
 
 def test_no_temporary_file_is_left_behind(store):
     store.create({"operation_type": "recovery"}, NOW)
-    assert [n for n in os.listdir(store.jobs_dir) if not n.endswith(".json")] == []
+    assert [n for n in os.listdir(store.jobs_dir) if not n.endswith(".json")] == [".workers"]
+    assert os.listdir(store.workers_dir) == []
 
 
 def test_exclusive_write_never_replaces_an_existing_file(tmp_path):

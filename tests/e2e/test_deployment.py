@@ -356,7 +356,7 @@ def assert_rows_restored(sandbox, destination: str) -> None:
 
 
 def worker_of(sandbox, op_id: str) -> int:
-    record = Path(sandbox["BARMAN_HOME"]) / sandbox["BARMAN_SERVER"] / "jobs" / f"{op_id}.worker"
+    record = Path(sandbox["BARMAN_HOME"]) / sandbox["BARMAN_SERVER"] / "jobs" / ".workers" / f"{op_id}.worker"
     wait_for(record.exists, what=f"{record} is written")
     return json.loads(record.read_text())["pid"]
 

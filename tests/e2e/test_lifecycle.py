@@ -30,7 +30,7 @@ def jobs_dir(sandbox) -> Path:
 
 
 def worker_pid(sandbox, op_id) -> int:
-    path = jobs_dir(sandbox) / f"{op_id}.worker"
+    path = jobs_dir(sandbox) / ".workers" / f"{op_id}.worker"
     wait_for(path.exists)
     return json.loads(path.read_text())["pid"]
 
