@@ -12,6 +12,7 @@ import socket
 import subprocess
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Iterator, Optional
@@ -80,6 +81,15 @@ class Sandbox:
 
     def stop_copy(self, datadir: str) -> None:
         self.run("stop-copy", str(self.directory), datadir, check=False)
+
+    @contextmanager
+    def copy(self, datadir: str) -> Iterator[int]:
+        """A restored cluster started for the duration of the block; its port."""
+        port = self.start_copy(datadir)
+        try:
+            yield port
+        finally:
+            self.stop_copy(datadir)
 
     def restore_dir(self, name: str) -> str:
         return f"{self['RESTORE_PARENT']}/{name}"

@@ -48,11 +48,8 @@ def test_a_backup_taken_through_the_api_can_be_recovered_by_its_name(sandbox, se
     assert recovery.status_code == 202, recovery.text
     done = service.wait_until_ended(server, recovery.json()["operation_id"])
     assert (done["status"], done["resolved_backup_id"]) == ("DONE", new_id), done.get("output")
-    port = sandbox.start_copy(destination)
-    try:
+    with sandbox.copy(destination) as port:
         assert sandbox.psql(port, "SELECT count(*) FROM known_rows WHERE id <= 100") == "100"
-    finally:
-        sandbox.stop_copy(destination)
 
 
 def test_config_switch_and_config_update_change_barmans_configuration(sandbox, service):

@@ -41,11 +41,8 @@ def test_recover_wait_exits_0_and_the_restored_cluster_has_the_rows(sandbox, ser
     listed = client(service, "operations", "--server", sandbox["BARMAN_SERVER"], "--status", "DONE")
     assert [op_id, "recovery"] in [line.split() for line in listed.stdout.splitlines()]
 
-    port = sandbox.start_copy(destination)
-    try:
+    with sandbox.copy(destination) as port:
         assert sandbox.psql(port, sandbox["ROWS_QUERY"]) == sandbox["ROWS_CHECK"]
-    finally:
-        sandbox.stop_copy(destination)
 
 
 def test_a_failing_recover_wait_exits_1_with_barmans_error(sandbox, service):

@@ -348,11 +348,8 @@ def wait_until_ended(base_url: str, sandbox, op_id: str, timeout: float = 300, *
 
 
 def assert_rows_restored(sandbox, destination: str) -> None:
-    port = sandbox.start_copy(destination)
-    try:
+    with sandbox.copy(destination) as port:
         assert sandbox.psql(port, sandbox["ROWS_QUERY"]) == sandbox["ROWS_CHECK"]
-    finally:
-        sandbox.stop_copy(destination)
 
 
 def worker_of(sandbox, op_id: str) -> int:

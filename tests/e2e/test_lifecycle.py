@@ -113,11 +113,8 @@ def test_a_recovery_survives_a_restart_of_the_service(sandbox, stop_signal):
     finally:
         second.stop()
     assert (status["status"], status["state"]) == ("DONE", "succeeded"), status.get("output")
-    port = sandbox.start_copy(destination)
-    try:
+    with sandbox.copy(destination) as port:
         assert sandbox.psql(port, sandbox["ROWS_QUERY"]) == sandbox["ROWS_CHECK"]
-    finally:
-        sandbox.stop_copy(destination)
 
 
 def test_no_zombie_is_left_after_twenty_operations(sandbox, service):

@@ -50,14 +50,11 @@ def recover_promoted(sandbox, service, destination: str, **target) -> dict:
 @contextmanager
 def promoted_copy(sandbox, destination: str) -> Iterator[int]:
     """The restored cluster started, once it has reached its target and left recovery; its port."""
-    port = sandbox.start_copy(destination)
-    try:
+    with sandbox.copy(destination) as port:
         # With target_action promote the cluster leaves recovery by itself, after its start.
         wait_for(lambda: sandbox.psql(port, "SELECT pg_is_in_recovery()") == "f", timeout=60,
                  interval=0.5, what="promotion of the restored cluster")
         yield port
-    finally:
-        sandbox.stop_copy(destination)
 
 
 def test_recovery_to_a_target_time_keeps_what_came_before_and_nothing_after(sandbox, service):

@@ -29,13 +29,10 @@ def test_recovery_over_ssh_restores_the_rows_written_before_the_backup(sandbox, 
     assert status["resolved_backup_id"] == [b["backup_id"] for b in backups if b["status"] == "DONE"][-1]
     assert {"id": op_id, "type": "recovery"} in service.get(f"/servers/{server}/operations").json()["operations"]
 
-    port = sandbox.start_copy(destination)
-    try:
+    with sandbox.copy(destination) as port:
         rows = sandbox.psql(port, "SELECT count(*), md5(string_agg(label, ',' ORDER BY id)) "
                                   "FROM known_rows WHERE id <= 100")
         assert rows == sandbox["ROWS_CHECK"]
-    finally:
-        sandbox.stop_copy(destination)
 
 
 def test_a_recovery_that_cannot_reach_the_host_fails_with_barmans_reason(sandbox, service):
