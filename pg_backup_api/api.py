@@ -10,7 +10,7 @@ from flask import Blueprint, Flask, Response, current_app, g, jsonify, request, 
 from werkzeug.exceptions import HTTPException
 
 from pg_backup_api import audit, schema
-from pg_backup_api.errors import ApiError, InvalidRequest
+from pg_backup_api.errors import ApiError, InvalidRequest, TooBusy
 from pg_backup_api.operations import now_utc, timestamp
 from pg_backup_api.service import Service
 
@@ -21,6 +21,8 @@ bp = Blueprint("api", __name__)
 # Set by the reverse proxy from the client certificate it verified; trusted only from trusted_proxies.
 CLIENT_CERT_HEADER = "X-Client-Cert-Subject"
 OPEN_ENDPOINTS = ("api.status",)
+# Endpoints that need more than the method's scope: diagnose shows every server's full configuration.
+ENDPOINT_SCOPES = {"api.diagnose": "admin"}
 
 
 def _service() -> Service:
@@ -52,11 +54,13 @@ def _json_body() -> Any:
 
 @bp.before_request
 def authenticate() -> None:
-    """With `auth = token`, every endpoint but /status needs a token: GET `read`, POST `operate`."""
+    """With `auth = token`, every endpoint but /status needs a token: GET `read`, POST `operate`,
+    /diagnose `admin`; creating and canceling config operations check `admin` in the service."""
     g.token = None
     service = _service()
     if service.settings.auth == "token" and request.endpoint not in OPEN_ENDPOINTS:
         needed = "read" if request.method in ("GET", "HEAD") else "operate"
+        needed = ENDPOINT_SCOPES.get(request.endpoint or "", needed)
         g.token = service.tokens.check(request.headers.get("Authorization"), needed)
 
 
@@ -176,7 +180,7 @@ def operation_output(server_name: Optional[str], operation_id: str) -> Response:
 @bp.post("/servers/<server_name>/operations/<operation_id>/cancel")
 @bp.post("/operations/<operation_id>/cancel", defaults={"server_name": None})
 def cancel_operation(server_name: Optional[str], operation_id: str) -> Response:
-    return jsonify(_service().cancel_operation(server_name, operation_id))
+    return jsonify(_service().cancel_operation(server_name, operation_id, g.get("token")))
 
 
 def register_error_handlers(app: Flask) -> None:
@@ -189,6 +193,8 @@ def register_error_handlers(app: Flask) -> None:
         response = jsonify({"error": exc.message})
         if exc.status == 401:
             response.headers["WWW-Authenticate"] = 'Bearer realm="pg-backup-api"'
+        if isinstance(exc, TooBusy):
+            response.headers["Retry-After"] = str(exc.retry_after)
         return response, exc.status
 
     @app.errorhandler(HTTPException)

@@ -356,9 +356,9 @@ def barman_json(config_path: str, *args: str, timeout: float = 120, json_format:
     return document
 
 
-def diagnose(config_path: str) -> Dict[str, Any]:
+def diagnose(config_path: str, timeout: float = 120) -> Dict[str, Any]:
     # `diagnose` prints its JSON document itself; `-f json` would wrap it in a string.
-    return barman_json(config_path, "diagnose", json_format=False)
+    return barman_json(config_path, "diagnose", timeout=timeout, json_format=False)
 
 
 def server_summary(server_config: Any) -> Dict[str, Any]:

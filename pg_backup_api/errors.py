@@ -47,6 +47,16 @@ class Unprocessable(ApiError):
     status = 422
 
 
+class TooBusy(ApiError):
+    """The same slow read runs for another request elsewhere; retry after ``retry_after`` seconds."""
+
+    status = 429
+
+    def __init__(self, message: str, retry_after: int) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
 class ConfigurationError(ApiError):
     """Barman's configuration cannot be read: nothing can be served until it is fixed."""
 

@@ -37,6 +37,7 @@ from pg_backup_api.operations import (
     status_of,
 )
 from pg_backup_api.settings import Settings
+from pg_backup_api.single_flight import SingleFlight
 from pg_backup_api.store import OperationStore, Record, write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -47,6 +48,9 @@ Spawn = Callable[[OperationType, str, str, OperationStore, str], None]
 WORKER_START_GRACE = timedelta(seconds=60)
 PROGRESS_TAIL_BYTES = 16 * 1024
 CLAIMS_DIR = ".destinations"
+# Locks of the slow reads (check, status, diagnose) that run one at a time; see single_flight.
+READS_DIR = ".reads"
+READ_RETRY_AFTER = 5
 
 
 class Service:
@@ -57,6 +61,8 @@ class Service:
         self._stores: Dict[Path, OperationStore] = {}
         self._stores_lock = threading.Lock()
         self.tokens = auth.TokenFile(settings.tokens_file)
+        self._reads = SingleFlight(lambda: self.config_source.get().barman_home / "jobs" / READS_DIR,
+                                   READ_RETRY_AFTER)
 
     def _store(self, server: Optional[str]) -> OperationStore:
         config = self.config_source.get()
@@ -237,10 +243,16 @@ class Service:
             return None  # no claim, or one whose operation or server is gone
         return holder if record.output is None else None
 
-    def cancel_operation(self, server: Optional[str], op_id: str) -> Dict[str, Any]:
+    def cancel_operation(self, server: Optional[str], op_id: str, token: Optional[auth.Token] = None
+                         ) -> Dict[str, Any]:
         """Stop a running operation and everything it started; 409 once it has ended."""
         store = self._store(server)
         record = self._reconciled(store, store.get(op_id))
+        op_type = record.job.get("operation_type")
+        if token is not None and op_type in ADMIN_TYPES and not auth.allows(token.scope, "admin"):
+            # Stopping an operation takes the scope that starting it took.
+            raise auth.Forbidden(f"token '{token.name}' has scope '{token.scope}'; canceling {op_type} "
+                                 "needs 'admin'")
         if record.output is not None:
             raise Conflict(f"operation '{op_id}' has already ended (state {state_of(record).value})")
         store.request_cancel(op_id, {"requested_at": now_utc().isoformat()})
@@ -282,7 +294,9 @@ class Service:
     # -- discovery (read-only, synchronous) ----------------------------------------------------
 
     def diagnose(self) -> Dict[str, Any]:
-        return barman_adapter.diagnose(self.config_source.get().path)
+        path = self.config_source.get().path
+        return self._reads.run("diagnose", "barman diagnose",
+                               lambda: barman_adapter.diagnose(path, self.settings.check_timeout))
 
     def list_servers(self) -> List[Dict[str, Any]]:
         config = self.config_source.get()
@@ -291,8 +305,9 @@ class Service:
     def server_status(self, server: str) -> Dict[str, Any]:
         config = self.config_source.get()
         summary = barman_adapter.server_summary(config.server(server))
-        status = barman_adapter.barman_json(config.path, "status", "--", server).get(server, {})
-        return {**summary, "status": status}
+        status = self._reads.run(f"status\0{server}", f"barman status of server '{server}'", lambda: (
+            barman_adapter.barman_json(config.path, "status", "--", server, timeout=self.settings.check_timeout)))
+        return {**summary, "status": status.get(server, {})}
 
     def list_backups(self, server: str) -> List[Dict[str, Any]]:
         return barman_adapter.list_backups(self.config_source.get().server(server))
@@ -306,7 +321,9 @@ class Service:
     def check_server(self, server: str) -> Dict[str, Any]:
         config = self.config_source.get()
         config.server(server)
-        result = barman_adapter.barman_json(config.path, "check", "--", server).get(server, {})
+        result = self._reads.run(f"check\0{server}", f"barman check of server '{server}'", lambda: (
+            barman_adapter.barman_json(config.path, "check", "--", server, timeout=self.settings.check_timeout)
+        )).get(server, {})
         checks = [{"name": name, "status": item.get("status"), "hint": item.get("hint", "")}
                   for name, item in result.items()]
         return {"server": server, "ok": all(c["status"] == "OK" for c in checks), "checks": checks}

@@ -6,6 +6,7 @@
     audit_log = /var/log/barman/pg-backup-api-audit.log
     max_body_bytes = 65536
     cancel_grace = 10              ; seconds between SIGTERM and SIGKILL when canceling
+    check_timeout = 60             ; seconds a `barman check`, `status` or `diagnose` may take
     trusted_proxies = 127.0.0.1 ::1
 
     [server pg]                    ; optional, narrows what a recovery of server `pg` may target
@@ -43,6 +44,7 @@ class Settings:
     port: int = DEFAULT_PORT
     log_level: str = "INFO"
     cancel_grace: float = 10.0
+    check_timeout: float = 60.0
     auth: str = "none"
     tokens_file: str = DEFAULT_TOKENS_FILE
     audit_log: Optional[str] = None  # None: <barman_home>/pg-backup-api-audit.log
@@ -62,7 +64,7 @@ class Settings:
         path = env.get("PG_BACKUP_API_CONFIG")
         if path or os.path.exists(DEFAULT_CONFIG):
             values, servers = _read_file(path or DEFAULT_CONFIG)
-        for key in ("barman_conf", "port", "log_level", "cancel_grace", "auth", "tokens_file",
+        for key in ("barman_conf", "port", "log_level", "cancel_grace", "check_timeout", "auth", "tokens_file",
                     "audit_log", "max_body_bytes"):
             if f"PG_BACKUP_API_{key.upper()}" in env:
                 values[key] = env[f"PG_BACKUP_API_{key.upper()}"]
@@ -71,6 +73,7 @@ class Settings:
             port=_integer(values, "port", DEFAULT_PORT, 1, 65535),
             log_level=values.get("log_level", "INFO").upper(),
             cancel_grace=_seconds(values, "cancel_grace", 10.0),
+            check_timeout=_seconds(values, "check_timeout", 60.0),
             auth=_choice(values, "auth", AUTH_MODES),
             tokens_file=values.get("tokens_file") or DEFAULT_TOKENS_FILE,
             audit_log=values.get("audit_log") or None,

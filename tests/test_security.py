@@ -173,3 +173,30 @@ def test_settings_file_and_environment(tmp_path):
             Settings.from_env({"PG_BACKUP_API_CONFIG": str(conf)})
     with pytest.raises(ValueError):
         Settings.from_env({"PG_BACKUP_API_CONFIG": str(tmp_path / "missing.conf")})
+
+
+def test_canceling_takes_the_scope_that_creating_took(barman_files, spawned, tokens):
+    client = make_client(barman_files, spawned, auth="token", tokens_file=tokens[0])
+    secrets = tokens[1]
+    update = {"type": "config_update", "changes": [{"scope": "server", "server_name": "pg", "archiver": "on"}]}
+    config_op = client.post("/operations", json=update, headers=bearer(secrets["admin"])).json["operation_id"]
+    refused = client.post(f"/operations/{config_op}/cancel", headers=bearer(secrets["operate"]))
+    assert refused.status_code == 403
+    assert "canceling config_update needs 'admin'" in refused.json["error"]
+    assert client.get(f"/operations/{config_op}", headers=bearer(secrets["read"])).json["status"] == "IN_PROGRESS"
+    canceled = client.post(f"/operations/{config_op}/cancel", headers=bearer(secrets["admin"]))
+    assert (canceled.status_code, canceled.json["state"]) == (200, "canceled")
+    recovery = client.post("/servers/pg/operations", json=BODY, headers=bearer(secrets["operate"])).json
+    canceled = client.post(f"/servers/pg/operations/{recovery['operation_id']}/cancel",
+                           headers=bearer(secrets["operate"]))
+    assert (canceled.status_code, canceled.json["state"]) == (200, "canceled")
+
+
+def test_diagnose_needs_the_admin_scope(barman_files, spawned, tokens, monkeypatch):
+    monkeypatch.setattr("pg_backup_api.barman_adapter.diagnose", lambda path, timeout: {"barman": {"servers": {}}})
+    client = make_client(barman_files, spawned, auth="token", tokens_file=tokens[0])
+    for scope in ("read", "operate"):
+        response = client.get("/diagnose", headers=bearer(tokens[1][scope]))
+        assert response.status_code == 403, scope
+        assert "needs 'admin'" in response.json["error"]
+    assert client.get("/diagnose", headers=bearer(tokens[1]["admin"])).json == {"barman": {"servers": {}}}

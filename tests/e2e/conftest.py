@@ -161,10 +161,11 @@ class Service:
     def post(self, path: str, **kw) -> requests.Response:
         return requests.post(self.url + path, timeout=30, **kw)
 
-    def wait_until_ended(self, server: str, op_id: str, timeout: float = 300) -> dict:
+    def wait_until_ended(self, server: str, op_id: str, timeout: float = 300,
+                         headers: Optional[Dict[str, str]] = None) -> dict:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            status = self.get(f"/servers/{server}/operations/{op_id}").json()
+            status = self.get(f"/servers/{server}/operations/{op_id}", headers=headers).json()
             if status["status"] != "IN_PROGRESS":
                 return status
             time.sleep(0.5)
