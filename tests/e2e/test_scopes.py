@@ -63,4 +63,4 @@ def test_concurrent_checks_share_one_barman_run(sandbox, guarded):
         answers = list(pool.map(lambda _: service.get(path, headers=auth["read"]), range(6)))
     assert [a.status_code for a in answers] == [200] * 6
     assert len({a.text for a in answers}) == 1
-    assert {c["name"] for c in answers[0].json()["checks"]} >= {"PostgreSQL", "wal_level"}
+    assert {c["name"] for c in answers[0].json()["checks"]} >= {"postgresql", "wal_level"}
