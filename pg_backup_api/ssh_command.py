@@ -234,7 +234,9 @@ def _check_option(value: str, allowed: FrozenSet[str]) -> None:
     if not sep or not setting:
         raise _refuse(f"option -o {value!r} must be written Key=Value")
     name = key.lower()
-    canonical = KEYWORDS.get(name, key)
+    canonical = KEYWORDS.get(name)
+    if canonical is None:
+        raise _refuse(f"{key!r} in -o {value!r} is not an ssh option")
     if name in NEVER:
         raise _refuse(f"ssh option {canonical!r} is never allowed ({NEVER[name]})")
     if name not in allowed:

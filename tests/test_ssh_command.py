@@ -153,6 +153,8 @@ def test_the_offending_token_is_named():
         parse("ssh -o ProxyCommand=x host")
     with pytest.raises(InvalidRequest, match="';'"):
         parse("ssh host; id")
+    with pytest.raises(InvalidRequest, match="'Bogus' in -o 'Bogus=1' is not an ssh option"):
+        check_format("ssh -o Bogus=1 host")
     with pytest.raises(InvalidRequest, match="'StrictHostKeyChecking' is not allowed.*ssh_options"):
         parse("ssh -o StrictHostKeyChecking=no host")
 
