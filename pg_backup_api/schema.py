@@ -18,7 +18,8 @@ from pg_backup_api.errors import InvalidRequest
 # Formats whose rules a regular expression cannot say; the checks raise InvalidRequest
 # with a message that names the field and the offending part.
 FORMATS = FormatChecker(formats=())
-FORMATS.checks("ssh-command", raises=InvalidRequest)(lambda v: ssh_command.parse(v) is not None)
+# Syntax and the never-allowed ssh options only: the server's own ssh policy is applied by the service.
+FORMATS.checks("ssh-command", raises=InvalidRequest)(lambda v: ssh_command.check_format(v) is not None)
 FORMATS.checks("target-path", raises=InvalidRequest)(
     lambda v: paths.check_target_path("path", v) is None)
 FORMATS.checks("offset-date-time", raises=InvalidRequest)(lambda v: parse_offset_time("path", v) is not None)

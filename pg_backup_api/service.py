@@ -153,11 +153,14 @@ class Service:
             fields["requested_by"] = requester
         config = self.config_source.get()
         if op_type is OperationType.RECOVERY:
+            # The schema checked the syntax; this server's ssh policy is checked here, before anything else.
+            command = ssh_command.parse(fields["remote_ssh_command"], self.settings.ssh_options_for(server))
             backup = barman_adapter.resolve_backup(config.server(server), fields["backup_id"],
                                                    fields.get("target_time"), fields.get("target_lsn"))
             barman_adapter.check_recovery_against_backup(fields, backup)
             fields["resolved_backup_id"] = backup.backup_id
-            target = ssh_command.parse(fields["remote_ssh_command"])
+            # The job keeps the command as sent; the claim uses where ssh says it goes.
+            target = ssh_command.resolve(command)
             self._check_policy(server, target, fields["destination_directory"])
             # One recovery at a time into a given directory of a given host.
             claim_key = f"recovery\0{target.key}\0{fields['destination_directory']}"
@@ -183,9 +186,12 @@ class Service:
     def _check_policy(self, server: str, target: ssh_command.SshTarget, destination: str) -> None:
         """The optional per-server allowlists of the service's configuration."""
         policy = self.settings.policy(server)
-        if policy.allowed_hosts and target.host.lower() not in {h.lower() for h in policy.allowed_hosts}:
+        # The host ssh resolves (HostName from ~/.ssh/config or -o) is where the data goes: that is checked.
+        if policy.allowed_hosts and target.host not in {ssh_command.canonical_host(h) for h in policy.allowed_hosts}:
+            alias = ssh_command.canonical_host(target.alias)
+            resolved = f" (ssh resolves it to '{target.host}')" if alias != target.host else ""
             raise Unprocessable(
-                f"field 'remote_ssh_command': host '{target.host}' is not an allowed recovery target of "
+                f"field 'remote_ssh_command': host '{target.alias}'{resolved} is not an allowed recovery target of "
                 f"server '{server}' (allowed: {', '.join(policy.allowed_hosts)})")
         if policy.allowed_destinations and not any(
                 destination == p.rstrip("/") or destination.startswith(p.rstrip("/") + "/")

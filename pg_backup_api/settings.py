@@ -8,10 +8,14 @@
     cancel_grace = 10              ; seconds between SIGTERM and SIGKILL when canceling
     check_timeout = 60             ; seconds a `barman check`, `status` or `diagnose` may take
     trusted_proxies = 127.0.0.1 ::1
+    ; `-o` options remote_ssh_command may use beyond the default allowlist (see ssh_command.py)
+    ssh_options = StrictHostKeyChecking UserKnownHostsFile
 
     [server pg]                    ; optional, narrows what a recovery of server `pg` may target
     allowed_hosts = db2.example.org 10.0.0.5
     allowed_destinations = /var/lib/postgresql/15/
+    ; added to the [api] ssh_options for this server's recoveries
+    ssh_options = IdentitiesOnly
 """
 
 from __future__ import annotations
@@ -20,7 +24,9 @@ import configparser
 import logging
 import os
 from dataclasses import dataclass, field
-from typing import Dict, Mapping, Optional, Tuple
+from typing import Dict, FrozenSet, Mapping, Optional, Tuple
+
+from pg_backup_api import ssh_command
 
 DEFAULT_BARMAN_CONF = "/etc/barman.conf"
 DEFAULT_CONFIG = "/etc/pg-backup-api/pg-backup-api.conf"
@@ -36,6 +42,7 @@ class ServerPolicy:
 
     allowed_hosts: Tuple[str, ...] = ()
     allowed_destinations: Tuple[str, ...] = ()
+    ssh_options: Tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -50,10 +57,16 @@ class Settings:
     audit_log: Optional[str] = None  # None: <barman_home>/pg-backup-api-audit.log
     max_body_bytes: int = 64 * 1024
     trusted_proxies: Tuple[str, ...] = ("127.0.0.1", "::1")
+    ssh_options: Tuple[str, ...] = ()
     servers: Dict[str, ServerPolicy] = field(default_factory=dict)
 
     def policy(self, server: str) -> ServerPolicy:
         return self.servers.get(server, ServerPolicy())
+
+    def ssh_options_for(self, server: Optional[str]) -> FrozenSet[str]:
+        """The `-o` options beyond the default allowlist that recoveries of *server* may use."""
+        extra = self.policy(server).ssh_options if server else ()
+        return frozenset(self.ssh_options) | frozenset(extra)
 
     @classmethod
     def from_env(cls, environ: Optional[Mapping[str, str]] = None) -> "Settings":
@@ -65,7 +78,7 @@ class Settings:
         if path or os.path.exists(DEFAULT_CONFIG):
             values, servers = _read_file(path or DEFAULT_CONFIG)
         for key in ("barman_conf", "port", "log_level", "cancel_grace", "check_timeout", "auth", "tokens_file",
-                    "audit_log", "max_body_bytes"):
+                    "audit_log", "max_body_bytes", "ssh_options"):
             if f"PG_BACKUP_API_{key.upper()}" in env:
                 values[key] = env[f"PG_BACKUP_API_{key.upper()}"]
         return cls(
@@ -79,6 +92,7 @@ class Settings:
             audit_log=values.get("audit_log") or None,
             max_body_bytes=_integer(values, "max_body_bytes", 64 * 1024, 1024, 16 * 1024 * 1024),
             trusted_proxies=tuple(values.get("trusted_proxies", "127.0.0.1 ::1").replace(",", " ").split()),
+            ssh_options=ssh_command.option_names(values.get("ssh_options", ""), "[api] or PG_BACKUP_API_SSH_OPTIONS"),
             servers=servers,
         )
 
@@ -98,6 +112,7 @@ def _read_file(path: str) -> Tuple[Dict[str, str], Dict[str, ServerPolicy]]:
             servers[section[len("server "):].strip()] = ServerPolicy(
                 tuple(options.get("allowed_hosts", "").replace(",", " ").split()),
                 tuple(options.get("allowed_destinations", "").replace(",", " ").split()),
+                ssh_command.option_names(options.get("ssh_options", ""), f"{path} [{section}]"),
             )
         elif section != "api":
             raise ValueError(f"{path}: unknown section [{section}] (use [api] or [server NAME])")

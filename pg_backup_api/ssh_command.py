@@ -1,61 +1,185 @@
-"""The `remote_ssh_command` policy.
+"""The `remote_ssh_command` policy, and where ssh itself says the command goes.
 
 Barman hands this string to `/bin/sh` on the Barman host, as the barman user, and ssh
-itself can run local commands (ProxyCommand, LocalCommand, ...). So the value is accepted
-only when it parses into `ssh`, a few harmless options and exactly one `[user@]host`, every
-token made of characters no shell treats specially.
+itself can run local commands (ProxyCommand, LocalCommand, ...) and write files (a known
+hosts file). So the value is accepted only when it parses into `ssh`, options from a strict
+allowlist and exactly one `[user@]host`, every token made of characters no shell treats
+specially. The operator may enable more `-o` options by name (`ssh_options`); those that run
+commands, load code, forward ports or take arbitrary files never pass.
+
+Which host, port and user the command reaches is not re-derived here: `ssh -G` (ssh's own
+parser, no connection) resolves the same arguments, as Barman's ssh will.
 """
 
 from __future__ import annotations
 
+import ipaddress
+import os
 import re
+import subprocess
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import Any, Callable, Dict, FrozenSet, Iterable, List, Optional, Tuple
 
-from pg_backup_api.errors import InvalidRequest
+from pg_backup_api.errors import ApiError, InvalidRequest
 
 FIELD = "remote_ssh_command"
 SAFE_CHARS = re.compile(r"[A-Za-z0-9._/=:@,+ -]")
 SSH_BINARIES = ("ssh", "/usr/bin/ssh", "/bin/ssh", "/usr/local/bin/ssh")
 FLAGS = frozenset("qC46T")
-OPTIONS_WITH_VALUE = {"p": "port", "l": "user", "i": "keyfile", "o": "option"}
-ALLOWED_O_KEYS = {
-    key.lower(): key for key in (
-        "Port", "User", "IdentityFile", "ConnectTimeout", "BatchMode", "StrictHostKeyChecking",
-        "UserKnownHostsFile", "ServerAliveInterval", "ServerAliveCountMax", "Compression",
-        "IdentitiesOnly", "LogLevel",
-    )
-}
+OPTIONS_WITH_VALUE = {"p": "Port", "l": "User", "i": "IdentityFile", "o": None}
 USER = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,63}")
 HOST = re.compile(r"[A-Za-z0-9][A-Za-z0-9.-]{0,252}|[0-9A-Fa-f:]+:[0-9A-Fa-f:.]*")
-PATH = re.compile(r"/[A-Za-z0-9._/-]+")
+RESOLVE_TIMEOUT = 5.0
+
+# Every ssh_config(5) keyword: an operator's `ssh_options` must name one of these.
+KEYWORDS = {k.lower(): k for k in """
+    AddKeysToAgent AddressFamily BatchMode BindAddress BindInterface CASignatureAlgorithms CanonicalDomains
+    CanonicalizeFallbackLocal CanonicalizeHostname CanonicalizeMaxDots CanonicalizePermittedCNAMEs
+    CertificateFile ChannelTimeout CheckHostIP Ciphers ClearAllForwardings Compression ConnectTimeout
+    ConnectionAttempts ControlMaster ControlPath ControlPersist DynamicForward EnableEscapeCommandline
+    EnableSSHKeysign EscapeChar ExitOnForwardFailure FingerprintHash ForkAfterAuthentication ForwardAgent
+    ForwardX11 ForwardX11Timeout ForwardX11Trusted GSSAPIAuthentication GSSAPIClientIdentity
+    GSSAPIDelegateCredentials GSSAPIKexAlgorithms GSSAPIKeyExchange GSSAPIRenewalForcesRekey
+    GSSAPIServerIdentity GSSAPITrustDns GatewayPorts GlobalKnownHostsFile HashKnownHosts Host
+    HostKeyAlgorithms HostKeyAlias HostbasedAcceptedAlgorithms HostbasedAuthentication Hostname IPQoS
+    IdentitiesOnly IdentityAgent IdentityFile IgnoreUnknown Include KbdInteractiveAuthentication
+    KbdInteractiveDevices KexAlgorithms KnownHostsCommand LocalCommand LocalForward LogLevel LogVerbose MACs
+    Match NoHostAuthenticationForLocalhost NumberOfPasswordPrompts ObscureKeystrokeTiming PKCS11Provider
+    PasswordAuthentication PermitLocalCommand PermitRemoteOpen Port PreferredAuthentications ProxyCommand
+    ProxyJump ProxyUseFdpass PubkeyAcceptedAlgorithms PubkeyAuthentication RekeyLimit RemoteCommand
+    RemoteForward RequestTTY RequiredRSASize RevokedHostKeys SecurityKeyProvider SendEnv ServerAliveCountMax
+    ServerAliveInterval SessionType SetEnv StdinNull StreamLocalBindMask StreamLocalBindUnlink
+    StrictHostKeyChecking SyslogFacility TCPKeepAlive Tag Tunnel TunnelDevice UpdateHostKeys User
+    UserKnownHostsFile VerifyHostKeyDNS VisualHostKey XAuthLocation
+""".split()}
+
+# Refused whatever the configuration says: each runs a local command, loads code, reads
+# another configuration, opens a socket or port on the Barman host, or lends it to the target.
+NEVER = {k.lower(): why for why, keys in {
+    "runs a local command": "ProxyCommand LocalCommand PermitLocalCommand KnownHostsCommand ProxyJump "
+                            "RemoteCommand XAuthLocation ForwardX11 ForwardX11Trusted ProxyUseFdpass",
+    "loads a library into ssh": "PKCS11Provider SecurityKeyProvider",
+    "reads another ssh configuration": "Include Match Host",
+    "creates or uses a local socket": "ControlMaster ControlPath ControlPersist IdentityAgent StreamLocalBindUnlink",
+    "forwards ports or the agent": "LocalForward RemoteForward DynamicForward Tunnel TunnelDevice ForwardAgent",
+}.items() for k in keys.split()}
+
+# Allowed by default, each with its value rule.
+DEFAULT_OPTIONS = frozenset(k.lower() for k in (
+    "Port", "User", "IdentityFile", "ConnectTimeout", "ServerAliveInterval", "ServerAliveCountMax",
+    "BatchMode", "Compression"))
+# Options naming a local file: only under the service user's ~/.ssh, known hosts files by name.
+KEY_FILES = frozenset(k.lower() for k in ("IdentityFile", "CertificateFile", "RevokedHostKeys"))
+KNOWN_HOSTS_FILES = frozenset(k.lower() for k in ("UserKnownHostsFile", "GlobalKnownHostsFile"))
+KNOWN_HOSTS_NAME = re.compile(r"known_hosts[A-Za-z0-9._-]*")
+ENABLEABLE = frozenset(KEYWORDS) - frozenset(NEVER)
+
+
+@dataclass(frozen=True)
+class SshCommand:
+    """A command that passed the policy: its tokens and the host as the client typed it."""
+
+    argv: Tuple[str, ...]
+    host: str
 
 
 @dataclass(frozen=True)
 class SshTarget:
-    """Where a recovery goes: what identifies the host for the one-recovery-per-destination rule."""
+    """Where ssh says the command goes (`ssh -G`): what the one-recovery-per-destination rule uses."""
 
-    user: Optional[str]
-    host: str
-    port: Optional[int]
+    user: str
+    host: str  # the resolved HostName
+    port: int
+    alias: str  # the host as typed
 
     @property
     def key(self) -> str:
-        return f"{self.host.lower()}:{self.port or 22}"
+        # The login user does not change which directory on which host is written.
+        return f"{self.host}:{self.port}"
 
 
 def _refuse(detail: str) -> InvalidRequest:
     return InvalidRequest(f"field '{FIELD}' is not allowed: {detail}")
 
 
-def _port(value: str) -> int:
-    if not value.isdigit() or not 0 < int(value) < 65536:
-        raise _refuse(f"port {value!r} is not a TCP port number")
-    return int(value)
+def option_names(raw: str, where: str) -> Tuple[str, ...]:
+    """The `ssh_options` setting: names an operator may enable, canonically spelt; ValueError otherwise."""
+    names = []
+    for name in raw.replace(",", " ").split():
+        canonical = KEYWORDS.get(name.lower())
+        if canonical is None:
+            raise ValueError(f"{where}: ssh_options: {name!r} is not an ssh_config option")
+        if name.lower() in NEVER:
+            raise ValueError(f"{where}: ssh_options: {canonical} can never be enabled ({NEVER[name.lower()]})")
+        names.append(canonical)
+    return tuple(names)
 
 
-def parse(command: str) -> SshTarget:
-    """Check *command* against the policy; return the host it reaches."""
+def ssh_dir() -> str:
+    """The service user's ~/.ssh: the only place file options may point to."""
+    return os.path.normpath(os.path.expanduser("~/.ssh"))
+
+
+def _under_ssh_dir(value: str) -> bool:
+    base = ssh_dir()
+    inside = value == os.path.normpath(value) and value.startswith(base + "/")
+    # A symbolic link in ~/.ssh must not lead out of it either.
+    real = os.path.realpath(value)
+    return inside and real.startswith(os.path.realpath(base) + "/")
+
+
+def _number(low: int, high: int) -> Callable[[str, str], None]:
+    def check(name: str, value: str) -> None:
+        if not value.isdigit() or not low <= int(value) <= high:
+            raise _refuse(f"{name} {value!r} must be a number from {low} to {high}")
+    return check
+
+
+def _one_of(*choices: str) -> Callable[[str, str], None]:
+    def check(name: str, value: str) -> None:
+        if value.lower() not in choices:
+            raise _refuse(f"{name} {value!r} must be {' or '.join(choices)}")
+    return check
+
+
+def _user(name: str, value: str) -> None:
+    if not USER.fullmatch(value):
+        raise _refuse(f"{name} {value!r} is not a valid user name")
+
+
+def _key_file(name: str, value: str) -> None:
+    if not _under_ssh_dir(value):
+        raise _refuse(f"{name} {value!r} must be a normalised absolute path under {ssh_dir()}/")
+
+
+def _known_hosts_file(name: str, value: str) -> None:
+    if not _under_ssh_dir(value) or not KNOWN_HOSTS_NAME.fullmatch(os.path.basename(value)):
+        raise _refuse(f"{name} {value!r} must be a file named known_hosts* under {ssh_dir()}/ "
+                      "(ssh writes host keys to it)")
+
+
+VALUE_RULES: Dict[str, Callable[[str, str], None]] = {
+    "port": _number(1, 65535),
+    "user": _user,
+    "connecttimeout": _number(1, 3600),
+    "serveraliveinterval": _number(0, 3600),
+    "serveralivecountmax": _number(0, 100),
+    "batchmode": _one_of("yes"),  # `no` would let ssh wait for a password nobody types
+    "compression": _one_of("yes", "no"),
+    **{key: _key_file for key in KEY_FILES},
+    **{key: _known_hosts_file for key in KNOWN_HOSTS_FILES},
+}
+
+
+def check_format(value: Any) -> SshCommand:
+    """The request schema's check: syntax and the never-allowed options; the server's policy comes later."""
+    return parse(value, ENABLEABLE)
+
+
+def parse(command: Any, enabled: Iterable[str] = ()) -> SshCommand:
+    """Check *command* against the default allowlist plus the *enabled* `-o` option names."""
+    if not isinstance(command, str):
+        raise _refuse(f"it must be a string, not {type(command).__name__}")
     # With nothing but these characters and single spaces, /bin/sh splits the string
     # exactly as this function does: no quoting, expansion or second command is possible.
     for char in command:
@@ -66,61 +190,91 @@ def parse(command: str) -> SshTarget:
         raise _refuse("it is empty (Barman would restore onto the Barman host itself)")
     if tokens[0] not in SSH_BINARIES:
         raise _refuse(f"it must start with one of {', '.join(SSH_BINARIES)}, not {tokens[0]!r}")
+    allowed = DEFAULT_OPTIONS | {name.lower() for name in enabled}
 
-    user: Optional[str] = None
-    port: Optional[int] = None
     destination: Optional[str] = None
     rest = tokens[1:]
     i = 0
     while i < len(rest):
         token = rest[i]
-        if token.startswith("-") and destination is None:
-            letters = token[1:]
-            if letters and all(c in FLAGS for c in letters):
-                i += 1
-                continue
-            name = letters[:1]
-            if name not in OPTIONS_WITH_VALUE:
-                raise _refuse(f"option {token!r} is not one of -p -l -i -o -q -C -4 -6 -T")
-            value = letters[1:] or (rest[i + 1] if i + 1 < len(rest) else None)
-            if value is None:
-                raise _refuse(f"option {token!r} needs a value")
-            i += 1 if letters[1:] else 2
-            if name == "p":
-                port = _port(value)
-            elif name == "l":
-                if not USER.fullmatch(value):
-                    raise _refuse(f"user {value!r} is not a valid user name")
-                user = value
-            elif name == "i":
-                if not PATH.fullmatch(value) or "/../" in value + "/":
-                    raise _refuse(f"key file {value!r} must be an absolute path")
-            else:
-                port = _option(value, port)
-            continue
         if destination is not None:
-            raise _refuse(f"token {token!r} after the host: a remote command or a second host is not allowed")
-        destination = token
-        i += 1
+            raise _refuse(f"token {token!r} after the host: a remote command, option or second host is not allowed")
+        if not token.startswith("-"):
+            destination = token
+            i += 1
+            continue
+        letters = token[1:]
+        if letters and all(c in FLAGS for c in letters):
+            i += 1
+            continue
+        flag = letters[:1]
+        if flag not in OPTIONS_WITH_VALUE:
+            raise _refuse(f"option {token!r} is not one of -p -l -i -o -q -C -4 -6 -T")
+        value = letters[1:] or (rest[i + 1] if i + 1 < len(rest) else None)
+        if value is None:
+            raise _refuse(f"option {token!r} needs a value")
+        i += 1 if letters[1:] else 2
+        option = OPTIONS_WITH_VALUE[flag]
+        if option is None:
+            _check_option(value, allowed)
+        else:
+            VALUE_RULES[option.lower()](f"-{flag}", value)
     if destination is None:
         raise _refuse("it names no host ([user@]host)")
     login, at, host = destination.rpartition("@")
     if at:
-        if not USER.fullmatch(login):
-            raise _refuse(f"user {login!r} is not a valid user name")
-        user = login
-    if not HOST.fullmatch(host) or host.startswith("-"):
+        _user("user", login)
+    if not HOST.fullmatch(host):
         raise _refuse(f"host {host!r} is not a host name or address")
-    return SshTarget(user, host, port)
+    return SshCommand(tuple(tokens), host)
 
 
-def _option(value: str, port: Optional[int]) -> Optional[int]:
+def _check_option(value: str, allowed: FrozenSet[str]) -> None:
     key, sep, setting = value.partition("=")
     if not sep or not setting:
         raise _refuse(f"option -o {value!r} must be written Key=Value")
-    canonical = ALLOWED_O_KEYS.get(key.lower())
+    name = key.lower()
+    canonical = KEYWORDS.get(name)
     if canonical is None:
-        raise _refuse(f"ssh option {key!r} is not allowed (allowed: {', '.join(sorted(ALLOWED_O_KEYS.values()))})")
-    if canonical == "Port":
-        return _port(setting)
-    return port
+        raise _refuse(f"{key!r} in -o {value!r} is not an ssh option")
+    if name in NEVER:
+        raise _refuse(f"ssh option {canonical!r} is never allowed ({NEVER[name]})")
+    if name not in allowed:
+        raise _refuse(f"ssh option {canonical!r} is not allowed: the default ones are "
+                      f"{', '.join(sorted(KEYWORDS[k] for k in DEFAULT_OPTIONS))}; "
+                      "others only when the service's ssh_options setting names them")
+    rule = VALUE_RULES.get(name)
+    if rule is not None:
+        rule(canonical, setting)
+
+
+def resolve(command: SshCommand) -> SshTarget:
+    """The user, host and port ssh would use, from `ssh -G` with the same arguments (no connection)."""
+    argv = [command.argv[0], "-G", *command.argv[1:]]
+    try:
+        done = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                              timeout=RESOLVE_TIMEOUT, shell=False)
+    except FileNotFoundError:
+        raise _refuse(f"{command.argv[0]!r} is not installed on the Barman host") from None
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise ApiError(f"cannot resolve field '{FIELD}' with `ssh -G`: {exc}") from None
+    if done.returncode != 0:
+        message = " ".join(done.stderr.split())[:500] or f"exit status {done.returncode}"
+        raise _refuse(f"ssh refuses it: {message}")
+    resolved: Dict[str, str] = {}
+    for line in done.stdout.splitlines():
+        key, _, value = line.partition(" ")
+        if key in ("user", "hostname", "port") and key not in resolved:
+            resolved[key] = value.strip()
+    if not resolved.get("hostname") or not resolved.get("port", "").isdigit():
+        raise ApiError(f"cannot resolve field '{FIELD}': `ssh -G` printed no hostname and port")
+    return SshTarget(resolved.get("user", ""), canonical_host(resolved["hostname"]), int(resolved["port"]),
+                     command.host)
+
+
+def canonical_host(host: str) -> str:
+    """One spelling per host name or address, so that two spellings share one claim."""
+    try:
+        return str(ipaddress.ip_address(host))
+    except ValueError:
+        return host.lower().rstrip(".")

@@ -38,6 +38,30 @@ def test_hostile_ssh_commands_and_destinations_are_refused_and_run_nothing(sandb
     assert count_jobs(sandbox) == before
 
 
+def test_a_known_hosts_file_in_barmans_home_is_refused_and_barman_keeps_working(sandbox, service):
+    # Accepted, ssh would append the target's host key to Barman's own configuration file,
+    # and every barman command after it would fail to read that file.
+    server = sandbox["BARMAN_SERVER"]
+    auto_conf = Path(sandbox["BARMAN_HOME"]) / ".barman.auto.conf"
+    before = auto_conf.read_bytes() if auto_conf.exists() else None
+    jobs = count_jobs(sandbox)
+    command = (f"ssh -p {sandbox['SSH_PORT']} -o UserKnownHostsFile={auto_conf} "
+               "-o StrictHostKeyChecking=accept-new postgres@127.0.0.1")
+    response = service.post(f"/servers/{server}/operations", json={
+        "type": "recovery", "backup_id": "latest", "destination_directory": sandbox.restore_dir("e2e-known-hosts"),
+        "remote_ssh_command": command})
+    assert 400 <= response.status_code < 500, response.text
+    assert "UserKnownHostsFile" in response.json()["error"]
+    time.sleep(1)
+    assert (auto_conf.read_bytes() if auto_conf.exists() else None) == before
+    assert count_jobs(sandbox) == jobs
+    listed = subprocess.run(["runuser", "-u", sandbox["BARMAN_USER"], "--", str(VENV / "bin" / "barman"),
+                             "-c", sandbox["BARMAN_CONF"], "list-backups", server],
+                            capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
+    assert listed.returncode == 0, listed.stderr
+    assert sandbox["BACKUP_ID"] in listed.stdout
+
+
 def test_tokens_on_the_real_service(sandbox):
     tokens_file = Path(sandbox["BARMAN_HOME"]) / "tokens.json"
     create = subprocess.run(
