@@ -181,13 +181,21 @@ class Backup:
     status: str
     end_time: Optional[datetime]
     tablespaces: Tuple[str, ...]
+    # Where each tablespace was on the source: Barman restores it there unless relocated.
+    tablespace_locations: Tuple[Tuple[str, str], ...] = ()
+    # Compressed, encrypted or incremental: Barman prepares it in a staging area first.
+    needs_staging: bool = False
 
 
 def _backup(info: Any) -> Backup:
     end = info.end_time
     if end is not None and end.tzinfo is None:
         end = end.astimezone()  # Barman writes local times; make them comparable
-    return Backup(info.backup_id, info.status, end, tuple(t.name for t in (info.tablespaces or ())))
+    tablespaces = tuple(info.tablespaces or ())
+    staged = (getattr(info, "compression", None) is not None or getattr(info, "encryption", None) is not None
+              or bool(getattr(info, "is_incremental", False)))
+    return Backup(info.backup_id, info.status, end, tuple(t.name for t in tablespaces),
+                  tuple((t.name, t.location) for t in tablespaces), staged)
 
 
 def _lookup(server: Any, backups: Dict[str, Any], requested: str, target_time: Optional[str] = None,
@@ -247,6 +255,18 @@ def check_recovery_against_backup(fields: Dict[str, Any], backup: Backup) -> Non
         raise InvalidRequest(
             f"field 'tablespaces': {', '.join(unknown)} not in backup {backup.backup_id} "
             f"(it has: {', '.join(backup.tablespaces) or 'no tablespaces'})")
+
+
+def pg_binaries(server_config: Any) -> Tuple[str, ...]:
+    """The directories of the server's `path_prefix`: where its PostgreSQL binaries are."""
+    return tuple(p for p in (getattr(server_config, "path_prefix", None) or "").split(os.pathsep) if p)
+
+
+def remote_staging_path(server_config: Any, backup: Backup) -> Optional[str]:
+    """The `staging_path` Barman creates sub-directories in on the target host for *backup*, if any."""
+    if not backup.needs_staging or getattr(server_config, "staging_location", None) != "remote":
+        return None
+    return getattr(server_config, "staging_path", None) or None
 
 
 def barman_executable() -> str:

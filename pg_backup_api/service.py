@@ -19,7 +19,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional
 
-from pg_backup_api import auth, barman_adapter, processes, runner, ssh_command
+from pg_backup_api import auth, barman_adapter, effects, processes, runner, ssh_command
 from pg_backup_api.errors import ApiError, Conflict, InvalidRequest, NoSuchModel, Unprocessable
 from pg_backup_api.ids import sort_key
 from pg_backup_api.operations import (
@@ -157,11 +157,16 @@ class Service:
             command = ssh_command.parse(fields["remote_ssh_command"], self.settings.ssh_options_for(server))
             backup = barman_adapter.resolve_backup(config.server(server), fields["backup_id"],
                                                    fields.get("target_time"), fields.get("target_lsn"))
+            # The job keeps the command as sent; the claim and the policy use where ssh says it goes.
+            target = ssh_command.resolve(command)
+            self._check_policy(server, target)
+            # Every path the recovery writes or wipes passes the path rules before anything else is
+            # checked of them (a tablespace name the backup lacks is refused next, whatever its path).
+            self._check_effects(server, effects.effects_of(op_type, fields, effects.RecoveryTarget(
+                target.host, dict(backup.tablespace_locations),
+                barman_adapter.remote_staging_path(config.server(server), backup))))
             barman_adapter.check_recovery_against_backup(fields, backup)
             fields["resolved_backup_id"] = backup.backup_id
-            # The job keeps the command as sent; the claim uses where ssh says it goes.
-            target = ssh_command.resolve(command)
-            self._check_policy(server, target, fields["destination_directory"])
             # One recovery at a time into a given directory of a given host.
             claim_key = f"recovery\0{target.key}\0{fields['destination_directory']}"
             busy = f"a recovery into {fields['destination_directory']} on {target.key} is already running"
@@ -178,13 +183,15 @@ class Service:
         else:
             barman_adapter.check_version("config_update", (3, 10))
             claim_key, busy = "config-update", "a config_update is already running"
+        if op_type is not OperationType.RECOVERY:
+            self._check_effects(server, effects.effects_of(op_type, fields))
         with self._claim(claim_key, busy) as claim:
             op_id = self._store_and_spawn(store, op_type, server, fields, claim)
         log.info("operation %s (%s) accepted for %s", op_id, op_type.value, server or "the instance")
         return op_id
 
-    def _check_policy(self, server: str, target: ssh_command.SshTarget, destination: str) -> None:
-        """The optional per-server allowlists of the service's configuration."""
+    def _check_policy(self, server: str, target: ssh_command.SshTarget) -> None:
+        """The optional per-server allowlist of hosts of the service's configuration."""
         policy = self.settings.policy(server)
         # The host ssh resolves (HostName from ~/.ssh/config or -o) is where the data goes: that is checked.
         if policy.allowed_hosts and target.host not in {ssh_command.canonical_host(h) for h in policy.allowed_hosts}:
@@ -193,12 +200,15 @@ class Service:
             raise Unprocessable(
                 f"field 'remote_ssh_command': host '{target.alias}'{resolved} is not an allowed recovery target of "
                 f"server '{server}' (allowed: {', '.join(policy.allowed_hosts)})")
-        if policy.allowed_destinations and not any(
-                destination == p.rstrip("/") or destination.startswith(p.rstrip("/") + "/")
-                for p in policy.allowed_destinations):
-            raise Unprocessable(
-                f"field 'destination_directory': {destination} is not under an allowed destination of "
-                f"server '{server}' (allowed: {', '.join(policy.allowed_destinations)})")
+
+    def _check_effects(self, server: Optional[str], found: List[effects.Effect]) -> None:
+        """The path rules, with Barman's home, the server's binaries and its allowed_destinations."""
+        config = self.config_source.get()
+        rules = effects.PathRules(
+            server or "", str(config.barman_home),
+            barman_adapter.pg_binaries(config.server(server)) if server else (),
+            self.settings.policy(server).allowed_destinations if server else ())
+        effects.check_effects(found, rules)
 
     def _store_and_spawn(self, store: OperationStore, op_type: OperationType, server: Optional[str],
                          fields: Dict[str, Any], claim: Callable[[Optional[str], str], None]) -> str:

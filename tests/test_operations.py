@@ -69,8 +69,9 @@ def test_unknown_fields_are_rejected_by_name():
     assert "unknown field(s): colour" in error_of({**VALID, "colour": "red"})
 
 
+# The syntax only: where a path may point is checked with all the operation's effects (test_effects.py).
 @pytest.mark.parametrize("destination", [
-    "relative/path", "/", "/etc", "/tmp", "/var/lib/../../etc", "/data//pg", "/data/pg/", "/data/./pg",
+    "relative/path", "/", "/var/lib/../../etc", "/data//pg", "/data/pg/", "/data/./pg",
     "/data/pg; rm -rf /", "/data/pg\nx", "/data/pg\n", "/data/$(id)", "/data/p g", "-rf", "",
 ])
 def test_dangerous_destinations_are_refused(destination):

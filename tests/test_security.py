@@ -150,6 +150,11 @@ def test_allowlists_narrow_hosts_and_destinations(barman_files, spawned):
     outside = client.post("/servers/pg/operations", json={**BODY, "destination_directory": "/srv/pgx"})
     assert outside.status_code == 422
     assert "destination_directory" in outside.json["error"]
+    # Every path the recovery writes, not only the destination (see test_effects.py for all of them).
+    staging = client.post("/servers/pg/operations", json={**BODY, "destination_directory": "/srv/pg/r2",
+                                                           "target_name": "n", "staging_wal_directory": "/srv/x"})
+    assert staging.status_code == 422
+    assert staging.json["error"].startswith("field 'staging_wal_directory': /srv/x is not under an allowed")
 
 
 def test_the_body_limit_is_configurable(barman_files, spawned):
