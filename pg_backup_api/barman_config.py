@@ -335,7 +335,10 @@ def prove_changes(config: Config, changes: List[Dict[str, Any]]) -> List[Dict[st
     pending = read_queue(queue_path(config))
     with tempfile.TemporaryDirectory(prefix="pg-backup-api-config-") as root:
         if pending:
+            unwritable = sorted({c.config_file for s in pending for c in s.changes_set if not _writable(c.config_file)})
             loaded, why = _attempt(root, config, pending)
+            if unwritable:
+                loaded, why = None, f"cannot write {', '.join(unwritable)}"
             if loaded is None:
                 raise Conflict(f"Barman's configuration change queue {queue_path(config)} holds {len(pending)} "
                                f"change set(s) Barman cannot apply ({why}): every config-update and barman cron "
