@@ -328,11 +328,11 @@ def prove_changes(config: Config, changes: List[Dict[str, Any]]) -> List[Dict[st
     applied first, as `barman config-update` applies it before the new changes.
     """
     items = _items(config, changes)
-    for item in items:
-        if not _writable(item.config_file):
-            raise Unprocessable(f"field '{item.field}': Barman would write it into {item.config_file}, "
-                                f"which this user cannot write")
-    pending = read_queue(queue_path(config))
+    try:
+        pending = read_queue(queue_path(config))
+    except OSError as exc:
+        raise Conflict(f"Barman's configuration change queue {queue_path(config)} cannot be read: "
+                       f"{exc.strerror or exc}; Barman would fail the same way") from None
     with tempfile.TemporaryDirectory(prefix="pg-backup-api-config-") as root:
         if pending:
             unwritable = sorted({c.config_file for s in pending for c in s.changes_set if not _writable(c.config_file)})
@@ -362,6 +362,10 @@ def prove_changes(config: Config, changes: List[Dict[str, Any]]) -> List[Dict[st
             if not ok:
                 raise InvalidRequest(f"field '{item.field}': {item.value!r} does not survive Barman's "
                                      f"configuration parser: {_hint(item.value, why)}")
+    for item in items:  # last: a bad value is the client's to fix whatever the file's owner
+        if not _writable(item.config_file):
+            raise Unprocessable(f"field '{item.field}': Barman would write it into {item.config_file}, "
+                                f"which this user cannot write")
     result = []
     for change in changes:
         name_keys = ("scope", "server_name", "model_name")
