@@ -335,7 +335,8 @@ def prove_changes(config: Config, changes: List[Dict[str, Any]]) -> List[Dict[st
                        f"{exc.strerror or exc}; Barman would fail the same way") from None
     with tempfile.TemporaryDirectory(prefix="pg-backup-api-config-") as root:
         if pending:
-            unwritable = sorted({c.config_file for s in pending for c in s.changes_set if not _writable(c.config_file)})
+            files = {c.config_file for s in pending for c in getattr(s, "changes_set", ())}
+            unwritable = sorted(f for f in files if not _writable(f))
             loaded, why = _attempt(root, config, pending)
             if unwritable:
                 loaded, why = None, f"cannot write {', '.join(unwritable)}"
@@ -357,7 +358,8 @@ def prove_changes(config: Config, changes: List[Dict[str, Any]]) -> List[Dict[st
             culprit = items[high - 1]
             raise InvalidRequest(f"field '{culprit.field}': with {culprit.value!r} Barman's configuration would "
                                  f"no longer load: {_hint(culprit.value, why)}")
-        for item in items:
+        last = {(i.section, i.key): i for i in items}  # a key changed twice ends with its last value
+        for item in last.values():
             ok, why = _read_back(loaded, item)
             if not ok:
                 raise InvalidRequest(f"field '{item.field}': {item.value!r} does not survive Barman's "

@@ -96,6 +96,19 @@ def test_a_value_that_would_not_read_back_as_given_is_refused(client, barman_fil
     assert "field 'changes.0.last_backup_maximum_age'" in response.json["error"]
 
 
+def test_a_key_changed_twice_ends_with_its_last_value(client):
+    response = post(client, {"scope": "server", "server_name": "pg", "description": "first"},
+                    {"scope": "server", "server_name": "pg", "description": "second"})
+    assert response.status_code == 202, response.json
+
+
+def test_a_malformed_entry_in_the_queue_blocks_config_update(client, barman_files):
+    queue_file(barman_files).write_text(json.dumps([{"key": "description", "value": "x", "config_file": "/tmp/x"}]))
+    response = post(client, {"scope": "server", "server_name": "pg", "description": "x"})
+    assert response.status_code == 409
+    assert "cannot apply" in response.json["error"]
+
+
 def test_a_good_change_is_accepted_with_its_values_as_barman_writes_them(client, barman_files, spawned):
     response = post(client, {"scope": "server", "server_name": "pg", "description": "new words",
                              "archiver": True, "parallel_jobs": 2},
