@@ -107,7 +107,8 @@ def diagnose() -> Response:
 
 @bp.get("/servers")
 def list_servers() -> Response:
-    return jsonify({"servers": _service().list_servers()})
+    service = _service()
+    return jsonify({"servers": service.list_servers(), "config_changes_queue": service.config_changes_queue()})
 
 
 @bp.get("/servers/<server_name>")

@@ -19,6 +19,7 @@ import barman
 from barman.config import Config
 from barman.infofile import BackupInfo
 
+from pg_backup_api import barman_config
 from pg_backup_api.errors import (
     BarmanUnavailable,
     ConfigurationError,
@@ -55,8 +56,8 @@ class BarmanConfig:
     path: str
     config: Config
     fingerprint: Fingerprint
-    # Files beside the configuration that change it: each server's active model marker,
-    # which `barman config-switch` writes.
+    # Files beside the configuration that change it: `.barman.auto.conf` (which `barman
+    # config-update` writes) and each server's active model marker (which `config-switch` writes).
     model_markers: Tuple[str, ...] = ()
 
     def current_fingerprint(self) -> Fingerprint:
@@ -104,13 +105,12 @@ def _fingerprint(path: str, conf_dir: Optional[str], extra: Tuple[str, ...] = ()
 
 
 def load_config(path: str) -> BarmanConfig:
-    """Load Barman's configuration as Barman does, or raise ConfigurationError saying why."""
+    """Load Barman's configuration as the `barman` command does, `.barman.auto.conf` included, or
+    raise ConfigurationError saying why."""
     if not os.path.isfile(path):
         raise ConfigurationError(f"Barman configuration file '{path}' does not exist")
     try:
-        config = Config(path)
-        config.load_configuration_files_directory()
-        config.server_names()  # parses every server section now, not on first use
+        config = barman_config.read_config(path)
     except SystemExit as exc:  # Barman reports some configuration errors with sys.exit
         raise ConfigurationError(f"Barman configuration '{path}' is invalid: {exc}") from None
     except Exception as exc:
@@ -118,8 +118,16 @@ def load_config(path: str) -> BarmanConfig:
     if not config.barman_home:
         raise ConfigurationError(f"Barman configuration '{path}' sets no barman_home")
     conf_dir = config.get("barman", "configuration_files_directory")
-    markers = tuple(os.path.join(s.backup_directory, ".active-model.auto") for s in config.servers())
+    markers = barman_config.extra_files(config) + tuple(
+        os.path.join(s.backup_directory, ".active-model.auto") for s in config.servers())
     return BarmanConfig(path, config, _fingerprint(path, conf_dir, markers), markers)
+
+
+def error_fingerprint(path: str) -> Fingerprint:
+    """The files of a configuration that may not load: the main file, its conf dir (listing and
+    files) and `.barman.auto.conf`, found by reading the main file raw; so removing a bad file heals."""
+    conf_dir, extra = barman_config.probe_files(path)
+    return _fingerprint(path, conf_dir, extra)
 
 
 class ConfigSource:
@@ -146,7 +154,7 @@ class ConfigSource:
 
     def _reload(self) -> BarmanConfig:
         current = self._current
-        fingerprint = current.current_fingerprint() if current else _fingerprint(self.path, None)
+        fingerprint = current.current_fingerprint() if current else error_fingerprint(self.path)
         if current is not None and fingerprint == current.fingerprint:
             return current  # another thread reloaded while this one waited
         if self._error is not None and fingerprint == self._error_fingerprint:
@@ -429,3 +437,21 @@ def find_backup(server_config: Any, requested: str) -> str:
     if backup_id is None or backup_id not in backups:
         raise NoSuchBackup(f"backup '{requested}' matches no backup of server '{server_config.name}'")
     return backup_id
+
+
+def prove_config_changes(config: BarmanConfig, changes: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    """A config_update's changes, proven on a scratch copy of the configuration (see barman_config)."""
+    return barman_config.prove_changes(config.config, changes)
+
+
+def config_changes_queue(config: BarmanConfig, running: bool) -> Dict[str, Any]:
+    """Barman's queue of configuration changes: its path, how many wait, whether it is stuck."""
+    return barman_config.queue_state(config.config, running)
+
+
+def describe_config_changes_queue(config: BarmanConfig) -> str:
+    return barman_config.describe_queue(barman_config.queue_path(config.config))
+
+
+def snapshot_config_changes_queue(config: BarmanConfig) -> barman_config.QueueSnapshot:
+    return barman_config.QueueSnapshot.take(config.config)

@@ -1,4 +1,4 @@
-"""The `pg-backup-api` command: the service, its health check, and the worker entry points."""
+"""The `pg-backup-api` command: the service, its health checks, and the worker entry points."""
 
 from __future__ import annotations
 
@@ -75,6 +75,18 @@ def _prune(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def _doctor(args: argparse.Namespace, settings: Settings) -> int:
+    from pg_backup_api import doctor
+    from pg_backup_api.service import Service
+
+    findings = doctor.run(Service(settings))
+    for finding in findings:
+        print(f"{'ok  ' if finding.ok else 'FAIL'} {finding.check}: {finding.message}")
+    failed = [f for f in findings if not f.ok]
+    print(f"{len(failed)} problem(s) found" if failed else "no problem found")
+    return 1 if failed else 0
+
+
 def _token(args: argparse.Namespace, settings: Settings) -> int:
     from pg_backup_api.auth import TokenFile
 
@@ -117,6 +129,10 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--dry-run", action="store_true", help="only say what would be removed")
     prune.add_argument("--server", help="only this Barman server's operations")
     prune.set_defaults(func=_prune)
+
+    doctor = commands.add_parser("doctor", help="check Barman's configuration and its change queue; "
+                                                "exit 1 when something is wrong")
+    doctor.set_defaults(func=_doctor)
 
     token = commands.add_parser("token", help="manage API tokens (used when auth = token)")
     token_actions = token.add_subparsers(dest="action", required=True, metavar="ACTION")

@@ -126,6 +126,7 @@ def run_operation(op_type: OperationType, barman_conf: str, server: Optional[str
     worker: Optional[Worker] = None
     output = ""
     exit_code = None
+    queue = None
     try:
         config = barman_adapter.load_config(barman_conf)
         root = config.barman_home
@@ -136,6 +137,8 @@ def run_operation(op_type: OperationType, barman_conf: str, server: Optional[str
         job = store.get(op_id).job
         argv = _argv(op_type, barman_conf, server or "", job)
         worker = Worker(store, server, op_id)
+        if op_type is OperationType.CONFIG_UPDATE:
+            queue = barman_adapter.snapshot_config_changes_queue(config)
         exit_code, output = worker.run(argv)
     except ApiError as exc:
         output = f"pg-backup-api: {exc.message}\n"
@@ -145,10 +148,27 @@ def run_operation(op_type: OperationType, barman_conf: str, server: Optional[str
         log.error("operation %s: cannot record its end: %s", op_id, output.strip())
         return 1
     state, reason = worker.end_state(exit_code) if worker else (State.FAILED, output.strip())
+    if queue is not None and state is not State.SUCCEEDED:
+        output += restore_queue(queue)
     extra = {}
     if op_type is OperationType.BACKUP and state is State.SUCCEEDED:
         extra["new_backup_id"] = barman_adapter.new_backup_id(output)
     return finish(store, op_id, job, exit_code, output, state, reason, extra)
+
+
+def restore_queue(queue: Any) -> str:
+    """A failed config_update must not leave its change at the head of Barman's queue, where it
+    would fail every later `barman cron` and config-update: put the queue back as it was."""
+    try:
+        restored = queue.restore()
+    except OSError as exc:
+        log.error("cannot restore Barman's config change queue %s: %s", queue.path, exc)
+        return (f"pg-backup-api: could not restore Barman's config change queue {queue.path} "
+                f"({exc.strerror or exc}); see `pg-backup-api doctor`\n")
+    if not restored:
+        return ""
+    log.warning("restored Barman's config change queue %s", queue.path)
+    return "pg-backup-api: restored Barman's config change queue to its state before this operation\n"
 
 
 def finish(store: OperationStore, op_id: str, job: Dict[str, Any], exit_code: Optional[int],

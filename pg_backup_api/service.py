@@ -51,6 +51,7 @@ CLAIMS_DIR = ".destinations"
 # Locks of the slow reads (check, status, diagnose) that run one at a time; see single_flight.
 READS_DIR = ".reads"
 READ_RETRY_AFTER = 5
+CONFIG_UPDATE_CLAIM = "config-update"
 
 
 class Service:
@@ -182,10 +183,14 @@ class Service:
             claim_key, busy = f"config\0{server}", f"a configuration change of server '{server}' is running"
         else:
             barman_adapter.check_version("config_update", (3, 10))
-            claim_key, busy = "config-update", "a config_update is already running"
+            claim_key, busy = CONFIG_UPDATE_CLAIM, "a config_update is already running"
         if op_type is not OperationType.RECOVERY:
             self._check_effects(server, effects.effects_of(op_type, fields))
         with self._claim(claim_key, busy) as claim:
+            if op_type is OperationType.CONFIG_UPDATE:
+                # Proven under the claim, so no other config_update runs between this proof and
+                # the real edit. The job stores the values as Barman will write them (strings).
+                fields["changes"] = barman_adapter.prove_config_changes(config, fields["changes"])
             op_id = self._store_and_spawn(store, op_type, server, fields, claim)
         log.info("operation %s (%s) accepted for %s", op_id, op_type.value, server or "the instance")
         return op_id
@@ -234,9 +239,9 @@ class Service:
         of the same host, back up the same server. The lock is an flock on a file under
         Barman's home, so it holds across threads, gunicorn workers and service instances.
         """
-        claims = self.config_source.get().barman_home / "jobs" / CLAIMS_DIR
+        claim_path = self._claim_path(key)
+        claims = claim_path.parent
         claims.mkdir(parents=True, exist_ok=True)
-        claim_path = claims / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.claim"
         with open(claims / ".lock", "a") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             holder = self._claim_holder(claim_path)
@@ -248,6 +253,10 @@ class Service:
                 write_json_atomic(claim_path, {"server": server, "operation_id": op_id, "key": key},
                                   exclusive=False)
             yield claim
+
+    def _claim_path(self, key: str) -> Path:
+        claims = self.config_source.get().barman_home / "jobs" / CLAIMS_DIR
+        return claims / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.claim"
 
     def _claim_holder(self, claim_path: Path) -> Optional[Dict[str, Any]]:
         """The claim in *claim_path* if its operation still runs, else None."""
@@ -317,6 +326,12 @@ class Service:
     def list_servers(self) -> List[Dict[str, Any]]:
         config = self.config_source.get()
         return [barman_adapter.server_summary(config.server(name)) for name in config.server_names]
+
+    def config_changes_queue(self) -> Dict[str, Any]:
+        """Barman's queue of configuration changes; `stuck` when changes wait and no config_update runs."""
+        config = self.config_source.get()
+        running = self._claim_holder(self._claim_path(CONFIG_UPDATE_CLAIM)) is not None
+        return barman_adapter.config_changes_queue(config, running)
 
     def server_status(self, server: str) -> Dict[str, Any]:
         config = self.config_source.get()
