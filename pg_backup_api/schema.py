@@ -111,7 +111,7 @@ def _message(error: ValidationError) -> str:
         return error.cause.message.replace("field 'path'", f"field '{field}'")
     if error.validator == "required":
         missing = error.message.split("'")[1]
-        return f"field '{missing}' is required"
+        return f"field '{field}.{missing}' is required" if field else f"field '{missing}' is required"
     if error.validator == "additionalProperties":
         allowed = set(error.schema.get("properties", {}))
         unknown = sorted(k for k in error.instance if k not in allowed)
