@@ -335,9 +335,10 @@ class ListFilters:
 
 def parse_filters(query: Mapping[str, Any]) -> ListFilters:
     """Check the query parameters of a listing; every refusal names the parameter and its rule."""
-    unknown = sorted(str(name) for name in query if name not in ListFilters.__dataclass_fields__)
+    # A name is quoted back shortened: the query string may be kilobytes long.
+    unknown = sorted(repr(name)[:80] for name in query if name not in ListFilters.__dataclass_fields__)
     if unknown:
-        raise InvalidRequest(f"unknown query parameter(s): {', '.join(unknown)[:200]}; "
+        raise InvalidRequest(f"unknown query parameter(s): {', '.join(unknown)}; "
                              f"allowed: {', '.join(ListFilters.__dataclass_fields__)}")
     for name, value in query.items():
         if not isinstance(value, str):

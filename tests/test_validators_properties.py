@@ -213,7 +213,7 @@ def test_list_query_parameters_are_parsed_or_refused_by_name(query):
         assert filters.limit is None or 1 <= filters.limit <= 10000
         assert filters.after is None or ids.is_valid_id(filters.after)
     else:
-        assert any(str(name) in refusal.message for name in query)
+        assert any(repr(name)[:80] in refusal.message for name in query)
 
 
 @pytest.mark.parametrize("limit", ["²", "¹²", "١", "𝟙", "1" * 5000, "1.0", "-0", "+1", " 1", "0", "10001", ""])
