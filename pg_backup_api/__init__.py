@@ -43,6 +43,9 @@ def create_app(settings: Optional["Settings"] = None, spawn: Optional["Spawn"] =
         logging.getLogger(__name__).error("%s", exc.message)
     app.extensions["pg_backup_api"] = service
     barman_adapter.preload()
+    # Werkzeug answers a path with `//` (or an encoded `/` next to one) with a text/html 308 to
+    # the merged path: the one answer that would not be JSON. Such a path is then a JSON 404.
+    app.url_map.merge_slashes = False
     app.register_blueprint(bp)
     # No automatic OPTIONS: its empty text/html answer would be the one response that is not JSON
     # (browsers' CORS is not for this API); OPTIONS is then a JSON 405 like any other method.

@@ -50,6 +50,9 @@ def _json_body() -> Any:
         return json.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:
         raise InvalidRequest(f"the request body is not valid JSON: {exc}") from None
+    except RecursionError:
+        # Python's parser recurses once per [ or {: a body of 64 KiB can nest deeper than it goes.
+        raise InvalidRequest("the request body is nested too deeply to be read") from None
 
 
 @bp.before_request

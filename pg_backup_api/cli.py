@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from datetime import timedelta
 from typing import List, Optional
@@ -53,7 +54,7 @@ def duration(text: str) -> timedelta:
     """`30d`, `12h`, `90m`, `2w` or a number of seconds."""
     unit = text[-1:] if text[-1:] in DURATION_UNITS else "s"
     number = text[:-1] if text[-1:] in DURATION_UNITS else text
-    if not number.isdigit():
+    if not re.fullmatch(r"[0-9]{1,9}", number):
         raise argparse.ArgumentTypeError(f"{text!r} is not a duration such as 30d, 12h, 90m or 2w")
     return timedelta(seconds=int(number) * DURATION_UNITS[unit])
 

@@ -338,7 +338,7 @@ def _run(args: argparse.Namespace, settings: "Optional[Settings]") -> int:
 def target_tli(text: str) -> Any:
     if text in ("current", "latest"):
         return text
-    if text.isdigit() and int(text) >= 1:
+    if re.fullmatch(r"[0-9]{1,10}", text) and int(text) >= 1:
         return int(text)
     raise argparse.ArgumentTypeError(f"{text!r} is not a timeline: a number, 'current' or 'latest'")
 

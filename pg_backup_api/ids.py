@@ -4,17 +4,18 @@ from __future__ import annotations
 
 import re
 from datetime import datetime
-from typing import Iterator, Tuple
+from typing import Any, Iterator, Tuple
 
 # The reference's ids are bare `%Y%m%dT%H%M%S`; ours add `-N` only on a collision, so a
 # client that parses the timestamp part keeps working.
 ID_PATTERN = r"[0-9]{8}T[0-9]{6}(?:-[0-9]{1,6})?"
 ID_RE = re.compile(ID_PATTERN)
+SUFFIX_RE = re.compile(r"[0-9]{1,6}")
 MAX_SUFFIX = 999_999
 
 
-def is_valid_id(op_id: str) -> bool:
-    return ID_RE.fullmatch(op_id) is not None
+def is_valid_id(op_id: Any) -> bool:
+    return isinstance(op_id, str) and ID_RE.fullmatch(op_id) is not None
 
 
 def candidates(now: datetime) -> Iterator[str]:
@@ -28,4 +29,5 @@ def candidates(now: datetime) -> Iterator[str]:
 def sort_key(op_id: str) -> Tuple[str, int]:
     """Chronological order: `T093201-10` comes after `T093201-9`."""
     base, _, suffix = op_id.partition("-")
-    return base, int(suffix) if suffix.isdigit() else 0
+    # ASCII digits only: str.isdigit() is true for "²", which int() refuses.
+    return base, int(suffix) if SUFFIX_RE.fullmatch(suffix) else 0

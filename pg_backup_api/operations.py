@@ -75,13 +75,17 @@ def parse_request(body: Any, allowed: Tuple[OperationType, ...]) -> Tuple[Operat
     if not isinstance(body, dict):
         raise InvalidRequest("the request body must be a JSON object")
     fields = dict(body)
+    type_field = "type"
     if "operation_type" in fields and "type" not in fields:
+        type_field = "operation_type"
         legacy = fields.pop("operation_type")
         fields["type"] = LEGACY_TYPE_NAMES.get(legacy, legacy) if isinstance(legacy, str) else legacy
     raw_type = fields.setdefault("type", OperationType.RECOVERY.value)
     names = ", ".join(t.value for t in allowed)
     if not isinstance(raw_type, str) or raw_type not in {t.value for t in allowed}:
-        raise InvalidRequest(f"field 'type' must be one of: {names}; got {raw_type!r}")
+        shown = repr(raw_type)
+        shown = shown if len(shown) <= 100 else shown[:100] + "..."
+        raise InvalidRequest(f"field '{type_field}' must be one of: {names}; got {shown}")
     op_type = OperationType(raw_type)
     from pg_backup_api import schema  # jsonschema is for the service; workers never validate
 

@@ -15,9 +15,9 @@ SAFE_PATH = re.compile(r"/[A-Za-z0-9._/-]+")
 
 
 def check_target_path(field: str, path: Any) -> None:
-    """Absolute, normalised, safe characters only; a non-string is left to the schema's type check."""
+    """Absolute, normalised, safe characters only."""
     if not isinstance(path, str):
-        return
+        raise InvalidRequest(f"field '{field}' must be a string, not {type(path).__name__}")
     if not SAFE_PATH.fullmatch(path):
         raise InvalidRequest(
             f"field '{field}' must be an absolute path of letters, digits and ._-/ only; got {path!r}")

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import json
+import math
 import re
-from datetime import datetime
+from datetime import datetime, timezone
 from functools import cache, lru_cache
 from importlib import resources
 from typing import Any, Dict, Iterator
@@ -15,9 +16,22 @@ from jsonschema.exceptions import ValidationError
 from pg_backup_api import paths, ssh_command
 from pg_backup_api.errors import InvalidRequest
 
+
+class StringFormatChecker(FormatChecker):
+    """Formats describe strings: any other instance conforms, and the `type` keyword refuses it.
+
+    jsonschema runs format checks on every instance whatever its type, and a check that
+    assumes a string would raise something other than its declared error: a 500.
+    """
+
+    def check(self, instance: Any, format: str) -> None:
+        if isinstance(instance, str):
+            super().check(instance, format)
+
+
 # Formats whose rules a regular expression cannot say; the checks raise InvalidRequest
 # with a message that names the field and the offending part.
-FORMATS = FormatChecker(formats=())
+FORMATS = StringFormatChecker(formats=())
 # Syntax and the never-allowed ssh options only: the server's own ssh policy is applied by the service.
 FORMATS.checks("ssh-command", raises=InvalidRequest)(lambda v: ssh_command.check_format(v) is not None)
 FORMATS.checks("target-path", raises=InvalidRequest)(
@@ -28,15 +42,18 @@ OFFSET_TIME = re.compile(
     r"[0-9]{4}-[0-9]{2}-[0-9]{2}[T ][0-9]{2}:[0-9]{2}:[0-9]{2}(?:\.[0-9]{1,6})?(?:Z|[+-][0-9]{2}:[0-9]{2})")
 
 
-def parse_offset_time(field: str, value: str) -> datetime:
+def parse_offset_time(field: str, value: Any) -> datetime:
     """An ISO-8601 time with an explicit offset: without one, Barman would guess the time zone."""
-    if not OFFSET_TIME.fullmatch(value):
+    if not isinstance(value, str) or not OFFSET_TIME.fullmatch(value):
         raise InvalidRequest(f"field '{field}' must be an ISO-8601 time with an explicit offset, "
-                             f"such as 2026-11-27T09:30:00+00:00; got {value!r}")
+                             f"such as 2026-11-27T09:30:00+00:00; got {_shown(value)}")
     try:
-        return datetime.fromisoformat(value.replace("Z", "+00:00"))
-    except ValueError as exc:
+        moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
+        # 0001-01-01T00:00:00+01:00 is before year 1 in UTC: comparing it would overflow later.
+        moment.astimezone(timezone.utc)
+    except (ValueError, OverflowError) as exc:
         raise InvalidRequest(f"field '{field}' is not a valid time: {exc}") from None
+    return moment
 
 
 @lru_cache(maxsize=1)
@@ -58,7 +75,19 @@ def _pattern(validator: Any, pattern: str, instance: Any,
         yield ValidationError(f"{instance!r} does not match {pattern!r}")
 
 
-_Validator = validators.extend(Draft202012Validator, {"pattern": _pattern})
+def _is_integer(checker: Any, instance: Any) -> bool:
+    # JSON Schema counts 1.0 as an integer; Barman's options would get "1.0".
+    return isinstance(instance, int) and not isinstance(instance, bool)
+
+
+def _is_number(checker: Any, instance: Any) -> bool:
+    # Python's json reads NaN, Infinity and 1e400 (as inf): none is a JSON number.
+    return _is_integer(checker, instance) or (isinstance(instance, float) and math.isfinite(instance))
+
+
+_Validator = validators.extend(
+    Draft202012Validator, {"pattern": _pattern},
+    type_checker=Draft202012Validator.TYPE_CHECKER.redefine_many({"integer": _is_integer, "number": _is_number}))
 
 
 @cache
@@ -70,7 +99,9 @@ def _validator(name: str) -> Any:
 
 def validate(name: str, instance: Any) -> None:
     """Raise InvalidRequest naming the first field of *instance* that breaks schema *name*."""
-    errors = sorted(_validator(name).iter_errors(instance), key=lambda e: (len(e.path), e.path))
+    # Paths mix keys and indexes: compared as text, never an int against a str.
+    errors = sorted(_validator(name).iter_errors(instance),
+                    key=lambda e: (len(e.path), [str(p) for p in e.path]))
     if errors:
         raise InvalidRequest(_message(errors[0]))
 
@@ -81,16 +112,30 @@ def _message(error: ValidationError) -> str:
         return error.cause.message.replace("field 'path'", f"field '{field}'")
     if error.validator == "required":
         missing = error.message.split("'")[1]
-        return f"field '{missing}' is required"
+        return f"field '{field}.{missing}' is required" if field else f"field '{missing}' is required"
     if error.validator == "additionalProperties":
         allowed = set(error.schema.get("properties", {}))
         unknown = sorted(k for k in error.instance if k not in allowed)
         where = f" in '{field}'" if field else ""
         return f"unknown field(s){where}: {', '.join(unknown)}; allowed: {', '.join(sorted(allowed))}"
     if error.validator == "type":
-        return f"field '{field}' must be of type {error.validator_value}"
-    if error.validator in ("pattern", "minLength", "maxLength", "const", "enum"):
+        kinds = error.validator_value if isinstance(error.validator_value, list) else [error.validator_value]
+        named = kinds[0] if len(kinds) == 1 else f"{', '.join(kinds[:-1])} or {kinds[-1]}"
+        return f"field '{field}' must be of type {named}"
+    if error.validator in ("pattern", "minLength", "maxLength", "const", "enum", "oneOf"):
         description = error.schema.get("description")
-        detail = description if error.validator == "pattern" and description else error.message
-        return f"field '{field}' is invalid: {detail}"
-    return f"field '{field}' is invalid: {error.message}" if field else error.message
+        detail = description if error.validator in ("pattern", "oneOf") and description else error.message
+        return f"field '{field}' is invalid: {_clipped(detail)}"
+    return f"field '{field}' is invalid: {_clipped(error.message)}" if field else _clipped(error.message)
+
+
+MAX_SHOWN = 200
+
+
+def _clipped(text: str) -> str:
+    """Messages quote the value; a 60 KiB value need not come back whole."""
+    return text if len(text) <= MAX_SHOWN else text[:MAX_SHOWN] + "..."
+
+
+def _shown(value: Any) -> str:
+    return _clipped(repr(value))

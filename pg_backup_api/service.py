@@ -11,17 +11,19 @@ import fcntl
 import hashlib
 import json
 import logging
+import re
 import signal
 import threading
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Optional
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional
 
 from pg_backup_api import auth, barman_adapter, effects, processes, runner, ssh_command
 from pg_backup_api.errors import ApiError, Conflict, InvalidRequest, NoSuchModel, Unprocessable
-from pg_backup_api.ids import sort_key
+from pg_backup_api.ids import is_valid_id, sort_key
 from pg_backup_api.operations import (
     ADMIN_TYPES,
     INSTANCE_TYPES,
@@ -110,13 +112,14 @@ class Service:
             for op_id in store.unfinished():
                 self._reconciled(store, store.get(op_id))
 
-    def list_operations(self, server: Optional[str], filters: Optional[Dict[str, str]] = None
+    def list_operations(self, server: Optional[str], query: Optional[Mapping[str, Any]] = None
                         ) -> Dict[str, Any]:
+        filters = parse_filters(query) if query else None
         store = self._store(server)
         operations = store.list()
         for op_id in store.unfinished(operations):
             self._reconciled(store, store.get(op_id))
-        if not filters:
+        if filters is None:
             return {"operations": operations}
         return paged(store, operations, filters)
 
@@ -360,33 +363,66 @@ class Service:
         return {"server": server, "ok": all(c["status"] == "OK" for c in checks), "checks": checks}
 
 
-def paged(store: OperationStore, operations: List[Dict[str, str]], filters: Dict[str, str]) -> Dict[str, Any]:
-    """Filter by `status` and `type`, then return at most `limit` after the cursor `after`."""
-    wanted_status = filters.get("status")
-    wanted_type = filters.get("type")
-    after = filters.get("after")
-    limit = filters.get("limit")
-    if wanted_status is not None and wanted_status not in ("IN_PROGRESS", "DONE", "FAILED"):
-        raise InvalidRequest("query parameter 'status' must be one of IN_PROGRESS, DONE, FAILED")
-    if limit is not None and (not limit.isdigit() or not 1 <= int(limit) <= 10000):
-        raise InvalidRequest("query parameter 'limit' must be an integer from 1 to 10000")
-    unknown = set(filters) - {"status", "type", "after", "limit"}
+LIST_STATUSES = ("IN_PROGRESS", "DONE", "FAILED")
+LIST_TYPES = tuple(t.value for t in OperationType)
+MAX_LIMIT = 10000
+# ASCII digits only (str.isdigit() is true for "²", which int() refuses), and few enough
+# of them that int() never meets a 5,000-digit string.
+LIMIT_RE = re.compile(r"[0-9]{1,5}")
+
+
+@dataclass(frozen=True)
+class ListFilters:
+    """The list's query parameters, checked."""
+
+    status: Optional[str] = None
+    type: Optional[str] = None
+    after: Optional[str] = None
+    limit: Optional[int] = None
+
+
+def parse_filters(query: Mapping[str, Any]) -> ListFilters:
+    """Check the query parameters of a listing; every refusal names the parameter and its rule."""
+    # A name is quoted back shortened: the query string may be kilobytes long.
+    unknown = sorted(repr(name)[:80] for name in query if name not in ListFilters.__dataclass_fields__)
     if unknown:
-        raise InvalidRequest(f"unknown query parameter(s): {', '.join(sorted(unknown))}")
+        raise InvalidRequest(f"unknown query parameter(s): {', '.join(unknown)}; "
+                             f"allowed: {', '.join(ListFilters.__dataclass_fields__)}")
+    for name, value in query.items():
+        if not isinstance(value, str):
+            raise InvalidRequest(f"query parameter '{name}' must be a string")
+    status, op_type, after, limit = (query.get(name) for name in ("status", "type", "after", "limit"))
+    if status is not None and status not in LIST_STATUSES:
+        raise InvalidRequest(f"query parameter 'status' must be one of {', '.join(LIST_STATUSES)}")
+    if op_type is not None and op_type not in LIST_TYPES:
+        raise InvalidRequest(f"query parameter 'type' must be one of {', '.join(LIST_TYPES)}")
+    if after is not None and not is_valid_id(after):
+        raise InvalidRequest("query parameter 'after' must be an operation id such as 20261127T093201 "
+                             "or 20261127T093201-2 (the 'next' of the previous page)")
+    if limit is not None and (not LIMIT_RE.fullmatch(limit) or not 1 <= int(limit) <= MAX_LIMIT):
+        raise InvalidRequest(f"query parameter 'limit' must be an integer from 1 to {MAX_LIMIT} "
+                             f"in ASCII digits")
+    return ListFilters(status, op_type, after, int(limit) if limit is not None else None)
+
+
+def paged(store: OperationStore, operations: List[Dict[str, str]], filters: ListFilters) -> Dict[str, Any]:
+    """Filter by `status` and `type`, then return at most `limit` after the cursor `after`."""
+    after = sort_key(filters.after) if filters.after is not None else None
+    limit = filters.limit
     selected = []
     for op in operations:
-        if after is not None and sort_key(op["id"]) <= sort_key(after):
+        if after is not None and sort_key(op["id"]) <= after:
             continue
-        if wanted_type is not None and op["type"] != wanted_type:
+        if filters.type is not None and op["type"] != filters.type:
             continue
-        if wanted_status is not None and _status(store, op["id"]) != wanted_status:
+        if filters.status is not None and _status(store, op["id"]) != filters.status:
             continue
         selected.append(op)
-        if limit is not None and len(selected) > int(limit):
+        if limit is not None and len(selected) > limit:
             break
-    result: Dict[str, Any] = {"operations": selected[:int(limit)] if limit else selected}
-    if limit is not None and len(selected) > int(limit):
-        result["next"] = selected[int(limit) - 1]["id"]
+    result: Dict[str, Any] = {"operations": selected[:limit] if limit is not None else selected}
+    if limit is not None and len(selected) > limit:
+        result["next"] = selected[limit - 1]["id"]
     return result
 
 

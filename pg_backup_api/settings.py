@@ -23,6 +23,7 @@ from __future__ import annotations
 import configparser
 import logging
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Dict, FrozenSet, Mapping, Optional, Tuple
 
@@ -123,7 +124,7 @@ def _integer(values: Mapping[str, str], key: str, default: int, low: int, high: 
     raw = values.get(key)
     if raw is None:
         return default
-    if not raw.strip().isdigit() or not low <= int(raw) <= high:
+    if not re.fullmatch(r"[0-9]{1,18}", raw.strip()) or not low <= int(raw) <= high:
         raise ValueError(f"{key} must be an integer from {low} to {high}, not {raw!r}")
     return int(raw)
 

@@ -132,6 +132,15 @@ def test_a_failed_backup_is_refused_with_its_status(client):
     ({"json": {"type": "backup", "name": "x;rm"}}, 400, "field 'name'"),
     ({"json": {"type": "backup", "jobs": 0}}, 400, "field 'jobs'"),
     ({"data": "x" * 70000, "content_type": "application/json"}, 413, "larger than"),
+    # Format checks run on strings only; any other type is refused by `type`, naming the field.
+    ({"json": {**BODY, "remote_ssh_command": None}}, 400, "field 'remote_ssh_command' must be of type string"),
+    ({"json": {**BODY, "destination_directory": 5}}, 400, "field 'destination_directory' must be of type string"),
+    ({"json": {**BODY, "tablespaces": {"t": {}}}}, 400, "field 'tablespaces.t' must be of type string"),
+    ({"json": {**BODY, "staging_wal_directory": []}}, 400, "field 'staging_wal_directory' must be of type string"),
+    ({"json": {**BODY, "jobs": 2.0}}, 400, "field 'jobs' must be of type integer"),
+    ({"data": json.dumps(BODY)[:-1] + ', "bwlimit": 1e400}', "content_type": "application/json"}, 400,
+     "field 'bwlimit' must be of type integer"),
+    ({"data": "[" * 5000 + "]" * 5000, "content_type": "application/json"}, 400, "nested too deeply"),
 ])
 def test_bad_posts_get_a_json_error_and_store_nothing(client, barman_files, request_kwargs, status, words):
     response = client.post("/servers/pg/operations", **request_kwargs)
@@ -211,3 +220,24 @@ def test_the_status_shortcut_answers_exactly_as_flask_does(app):
     # Everything else still goes through Flask.
     assert Client(with_status_shortcut(app)).get("/servers/pg/operations").json == {"operations": []}
     assert Client(with_status_shortcut(app)).post("/status").status_code == 405
+
+
+@pytest.mark.parametrize("query, parameter", [
+    ("limit=%C2%B2", "limit"),  # "²".isdigit() is true; int("²") fails
+    ("limit=" + "9" * 5000, "limit"),
+    ("after=20261127T093201-%C2%B2", "after"),
+    ("after=%D9%A1", "after"),
+    ("type=%00", "type"),
+    ("status=done", "status"),
+])
+def test_bad_list_query_parameters_get_a_400_naming_them(client, query, parameter):
+    response = client.get(f"/servers/pg/operations?{query}")
+    assert response.status_code == 400
+    assert f"query parameter '{parameter}'" in response.json["error"]
+
+
+@pytest.mark.parametrize("path", ["/servers//operations", "/servers/pg/backups/%2Flatest", "/operations//x"])
+def test_a_path_with_an_empty_segment_is_a_json_404_not_a_redirect(client, path):
+    response = client.get(path)
+    assert response.status_code == 404
+    assert "error" in response.json

@@ -15,7 +15,7 @@ def test_durations():
     assert duration("30d") == timedelta(days=30)
     assert duration("12h") == timedelta(hours=12)
     assert duration("90") == timedelta(seconds=90)
-    for bad in ["", "d", "3x", "-1d", "1.5d"]:
+    for bad in ["", "d", "3x", "-1d", "1.5d", "²d", "١d", "9" * 5000]:
         with pytest.raises(argparse.ArgumentTypeError):
             duration(bad)
 

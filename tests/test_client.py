@@ -154,6 +154,7 @@ def test_the_services_json_error_is_printed_and_exits_1(url, capsys, argv, error
     (["--tablespace", "tbs1"], "NAME:LOCATION"),
     (["--tablespace", "tbs1:/a", "--tablespace", "tbs1:/b"], "given twice"),
     (["--target-tli", "0"], "not a timeline"),
+    (["--target-tli", "²"], "not a timeline"),
     (["--target-action", "later"], "invalid choice"),
     (["--jobs", "many"], "invalid int value"),
     (["--key", "client.key"], "--key needs --cert"),

@@ -172,9 +172,10 @@ def test_settings_file_and_environment(tmp_path):
     assert settings.max_body_bytes == 8192
     assert settings.policy("pg").allowed_hosts == ("db2", "db3")
     assert settings.policy("other") == ServerPolicy()
-    for bad in ["[api]\nauth = maybe\n", "[nonsense]\n", "[api]\nmax_body_bytes = lots\n"]:
+    for bad in ["[api]\nauth = maybe\n", "[nonsense]\n", "[api]\nmax_body_bytes = lots\n",
+                "[api]\nmax_body_bytes = ²\n"]:
         conf.write_text(bad)
-        with pytest.raises(ValueError):
+        with pytest.raises(ValueError, match="auth|nonsense|max_body_bytes"):
             Settings.from_env({"PG_BACKUP_API_CONFIG": str(conf)})
     with pytest.raises(ValueError):
         Settings.from_env({"PG_BACKUP_API_CONFIG": str(tmp_path / "missing.conf")})
