@@ -1,4 +1,5 @@
-"""The HTTP contract (CONTRACT.md Part A) against real files; only the worker start is recorded."""
+"""The HTTP contract existing clients (curl users, Patroni's barman script) depend on, against real
+files; only the worker start is recorded."""
 
 import json
 import threading

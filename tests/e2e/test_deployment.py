@@ -48,7 +48,7 @@ def need(*programs: str) -> None:
 
 
 def alive(pid: int) -> bool:
-    """Running, not a zombie waiting for init to reap it (LAB pitfall P14)."""
+    """Running, not a zombie waiting for init to reap it (/proc still lists zombies)."""
     try:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
     except (OSError, IndexError):
@@ -267,7 +267,7 @@ class Gunicorn:
 
 
 class Apache:
-    """A second apache2 instance in its own APACHE_CONFDIR (LAB.md step 9); /etc/apache2 stays untouched."""
+    """A second apache2 instance in its own APACHE_CONFDIR; /etc/apache2 stays untouched."""
 
     def __init__(self, root: Path) -> None:
         self.confdir = root / "apache2"
