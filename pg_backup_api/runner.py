@@ -80,6 +80,7 @@ class Worker:
         with self.store.operation_lock(self.op_id):
             refusal = self._refusal()
             if refusal is not None:
+                log.warning("operation %s: barman not started: %s", self.op_id, refusal)
                 return None, f"pg-backup-api: barman not started: {refusal}\n"
             log.info("operation %s: running %s", self.op_id, argv)
             try:
