@@ -370,7 +370,8 @@ class OperationStore:
                     op_type = str(job.get("operation_type"))
                 known[op_id] = op_type
             self._types = {i: t for i, t in known.items() if i not in corrupt_ids}
-            listing = [{"id": i, "type": t} for i, t in known.items()]
+            listing = [{"id": i, "type": t, "state": "corrupt"} if i in corrupt_ids else {"id": i, "type": t}
+                       for i, t in known.items()]
             # A corrupt file may be repaired in place, which leaves the directory's mtime alone.
             self._listing = (None if corrupt_ids else stamp, listing)
         return listing
