@@ -441,3 +441,16 @@ def test_a_full_or_read_only_home_refuses_the_post_and_stores_nothing(client, fa
     names = sorted(os.listdir(barman_files.home / "pg" / "jobs"))
     assert names == [".workers", f"{done}.json"]  # no job file, whole or half-written, no temporary file
     assert status(client, done) == before
+
+
+# -- Barman's configuration broken, then fixed -------------------------------------------------------
+
+def test_a_configuration_broken_then_fixed_answers_503_then_heals_without_a_restart(client, barman_files):
+    assert client.get("/servers/pg/operations").status_code == 200
+    bad = barman_files.conf_dir / "zz-bad.conf"
+    bad.write_text("[barman]\nbarman_home = /elsewhere\n")
+    broken = client.get("/servers/pg/operations")
+    assert broken.status_code == 503
+    assert "invalid" in broken.json["error"]
+    bad.unlink()
+    assert client.get("/servers/pg/operations").status_code == 200
