@@ -170,6 +170,8 @@ class Service:
             for op_id in unfinished:
                 errors += self._reconcile_one(store, op_id)
         self.reconcile_errors += errors
+        if errors:
+            log.error("%d server(s) or operation(s) could not be reconciled at start-up (see above)", errors)
         return errors
 
     def _reconcile_one(self, store: OperationStore, op_id: str) -> int:
