@@ -21,7 +21,7 @@ pytestmark = pytest.mark.e2e
 def tmpfs_over(directory: Path, owner: str) -> Iterator[Path]:
     """*directory* on a 1 MiB tmpfs holding what it held; put back as it was (with anything new) after."""
     saved = Path(tempfile.mkdtemp(prefix="pgba-e2e-jobs-"))
-    shutil.copytree(directory, saved / "jobs", symlinks=True)
+    subprocess.run(["cp", "-a", str(directory), str(saved / "jobs")], check=True)  # owners and modes kept
     stat = directory.stat()
     subprocess.run(["mount", "-t", "tmpfs", "-o", f"size=1m,mode=0750,uid={stat.st_uid},gid={stat.st_gid}",
                     "tmpfs", str(directory)], check=True)
