@@ -46,7 +46,7 @@ AUTO = "auto"
 # Barman restores DONE backups and those still WAITING_FOR_WALS.
 RECOVERABLE = tuple(BackupInfo.STATUS_COPY_DONE)
 
-Fingerprint = Tuple[Tuple[str, int, int], ...]
+Fingerprint = Tuple[Tuple[str, int, int, int], ...]
 
 
 @dataclass(frozen=True)
@@ -85,7 +85,8 @@ class BarmanConfig:
 
 
 def _fingerprint(path: str, conf_dir: Optional[str], extra: Tuple[str, ...] = ()) -> Fingerprint:
-    """What identifies the configuration's files as they are now: names, mtimes and sizes."""
+    """What identifies the configuration's files as they are now: names, mtimes, ctimes and sizes
+    (the ctime moves on a chmod too, so making an unreadable file readable counts as a change)."""
     entries = []
     paths = [path, *extra]
     if conf_dir:
@@ -98,9 +99,9 @@ def _fingerprint(path: str, conf_dir: Optional[str], extra: Tuple[str, ...] = ()
     for p in paths:
         try:
             st = os.stat(p)
-            entries.append((p, st.st_mtime_ns, st.st_size))
+            entries.append((p, st.st_mtime_ns, st.st_ctime_ns, st.st_size))
         except OSError:
-            entries.append((p, -1, -1))
+            entries.append((p, -1, -1, -1))
     return tuple(entries)
 
 
@@ -154,9 +155,11 @@ class ConfigSource:
 
     def _reload(self) -> BarmanConfig:
         current = self._current
-        fingerprint = current.current_fingerprint() if current else error_fingerprint(self.path)
-        if current is not None and fingerprint == current.fingerprint:
+        if current is not None and current.current_fingerprint() == current.fingerprint:
             return current  # another thread reloaded while this one waited
+        # A failed load is keyed on every file it may have failed on (found by reading the main
+        # file raw), whether a load succeeded before or not: changing any of them retries the load.
+        fingerprint = error_fingerprint(self.path)
         if self._error is not None and fingerprint == self._error_fingerprint:
             raise self._error
         try:
@@ -277,8 +280,17 @@ def remote_staging_path(server_config: Any, backup: Backup) -> Optional[str]:
     return getattr(server_config, "staging_path", None) or None
 
 
+# Names the barman executable to run instead of the one found: for tests that run the real worker
+# with a stand-in barman. Only whoever sets the service's environment can set it, and they choose
+# what the service runs anyway.
+BARMAN_VARIABLE = "PG_BACKUP_API_BARMAN"
+
+
 def barman_executable() -> str:
-    """The barman installed beside this Python (a venv), else the one on PATH."""
+    """PG_BACKUP_API_BARMAN if set, else the barman installed beside this Python (a venv), else the one on PATH."""
+    override = os.environ.get(BARMAN_VARIABLE)
+    if override:
+        return override
     beside = Path(sys.executable).parent / "barman"
     if beside.is_file() and os.access(beside, os.X_OK):
         return str(beside)

@@ -80,7 +80,7 @@ def _doctor(args: argparse.Namespace, settings: Settings) -> int:
     from pg_backup_api import doctor
     from pg_backup_api.service import Service
 
-    findings = doctor.run(Service(settings))
+    findings = doctor.run(Service(settings), fix=args.fix)
     for finding in findings:
         print(f"{'ok  ' if finding.ok else 'FAIL'} {finding.check}: {finding.message}")
     failed = [f for f in findings if not f.ok]
@@ -131,8 +131,10 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--server", help="only this Barman server's operations")
     prune.set_defaults(func=_prune)
 
-    doctor = commands.add_parser("doctor", help="check Barman's configuration and its change queue; "
-                                                "exit 1 when something is wrong")
+    doctor = commands.add_parser("doctor", help="check Barman's configuration, its change queue and the "
+                                                "operations' state files; exit 1 when something is wrong")
+    doctor.add_argument("--fix", action="store_true",
+                        help="move unreadable state files into <barman_home>/jobs/quarantine/")
     doctor.set_defaults(func=_doctor)
 
     token = commands.add_parser("token", help="manage API tokens (used when auth = token)")

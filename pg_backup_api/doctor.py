@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
-from typing import Callable, List, Tuple
+from pathlib import Path
+from typing import Callable, Iterator, List, Optional, Tuple
 
-from pg_backup_api import barman_adapter
-from pg_backup_api.errors import ApiError
-from pg_backup_api.service import Service
+from pg_backup_api import barman_adapter, processes, runner
+from pg_backup_api.errors import ApiError, CorruptState
+from pg_backup_api.ids import is_valid_id
+from pg_backup_api.operations import now_utc
+from pg_backup_api.service import CLAIMS_DIR, Service, worker_identity
+from pg_backup_api.store import OperationStore, read_state_file
+
+# Where `doctor --fix` moves unreadable state files, under Barman's home: jobs/quarantine/<server>/.
+QUARANTINE_DIR = "quarantine"
+INSTANCE = "_instance"
 
 
 @dataclass(frozen=True)
@@ -17,17 +26,17 @@ class Finding:
     message: str
 
 
-# A check looks at the service's world and says what it found; it never changes anything.
-Check = Callable[[Service], List[Finding]]
+# A check looks at the service's world and says what it found; only with fix=True may it repair.
+Check = Callable[[Service, bool], List[Finding]]
 
 
-def check_barman_configuration(service: Service) -> List[Finding]:
+def check_barman_configuration(service: Service, fix: bool = False) -> List[Finding]:
     config = service.config_source.get()
     counts = f"{len(config.server_names)} server(s), {len(config.model_names)} model(s)"
     return [Finding("barman-config", True, f"{config.path} loads as `barman` reads it ({counts})")]
 
 
-def check_config_changes_queue(service: Service) -> List[Finding]:
+def check_config_changes_queue(service: Service, fix: bool = False) -> List[Finding]:
     queue = service.config_changes_queue()
     path = queue["path"]
     if queue.get("error"):
@@ -44,18 +53,101 @@ def check_config_changes_queue(service: Service) -> List[Finding]:
                     f"applied by hand or removed from that file:\n{pending}")]
 
 
+def _state_files(store: OperationStore) -> Iterator[Tuple[str, Path]]:
+    """(operation id, path) of every job, output and worker identity file of *store*."""
+    for directory, suffix in ((store.jobs_dir, ".json"), (store.output_dir, ".json"),
+                              (store.workers_dir, ".worker")):
+        try:
+            names = sorted(os.listdir(directory))
+        except FileNotFoundError:
+            continue
+        for name in names:
+            if name.endswith(suffix) and is_valid_id(name[:-len(suffix)]):
+                yield name[:-len(suffix)], directory / name
+
+
+def _problem(store: OperationStore, op_id: str, path: Path) -> Optional[str]:
+    """Why *path* cannot be trusted, or None."""
+    try:
+        if path.name.endswith(".worker"):
+            worker_identity(store, op_id)
+        else:
+            read_state_file(path)
+    except CorruptState as exc:
+        return exc.reason
+    return None
+
+
+def _quarantine(home: Path, group: str, path: Path) -> Path:
+    """Move *path* to jobs/quarantine/<group>/<name>.<UTC time>; the place it went."""
+    target_dir = home / "jobs" / QUARANTINE_DIR / group
+    target_dir.mkdir(parents=True, exist_ok=True)
+    target = target_dir / f"{path.name}.{now_utc().strftime('%Y%m%dT%H%M%S%fZ')}"
+    os.replace(path, target)
+    return target
+
+
+def _fixed(home: Path, group: str, path: Path, marker: Optional[str]) -> Tuple[bool, str]:
+    """Quarantine *path* unless processes of its operation still run (they would go unwatched)."""
+    running = processes.marked(marker) if marker else []
+    if running:
+        return False, (f"not moved: processes {', '.join(map(str, running))} of its operation still run; "
+                       "stop them first")
+    return True, f"moved to {_quarantine(home, group, path)}"
+
+
+def check_state_files(service: Service, fix: bool = False) -> List[Finding]:
+    """Job, output, worker identity and claim files that cannot be read: each makes its operation
+    `corrupt` and holds its claim. With *fix*, move them into jobs/quarantine/."""
+    config = service.config_source.get()
+    home = config.barman_home
+    findings: List[Finding] = []
+    checked = 0
+    for server in [None, *config.server_names]:
+        store = OperationStore(home / server if server else home, server)
+        for op_id, path in _state_files(store):
+            checked += 1
+            reason = _problem(store, op_id, path)
+            if reason is None:
+                continue
+            message = f"{path} cannot be read ({reason}): operation '{op_id}' is reported corrupt and holds its claim"
+            ok = False
+            if fix:
+                ok, done = _fixed(home, server or INSTANCE, path, runner.operation_marker(server, op_id))
+                message += f"; {done}"
+            findings.append(Finding("state-files", ok, message))
+    claims = home / "jobs" / CLAIMS_DIR
+    for path in sorted(claims.glob("*.claim")) if claims.is_dir() else []:
+        checked += 1
+        try:
+            holder = read_state_file(path)
+            if holder is not None and not isinstance(holder.get("operation_id"), str):
+                raise CorruptState(str(path), "it names no operation")
+        except CorruptState as exc:
+            message = f"{path} cannot be read ({exc.reason}): the destination it claims stays blocked"
+            ok = False
+            if fix:
+                ok, done = _fixed(home, "claims", path, None)
+                message += f"; {done}"
+            findings.append(Finding("state-files", ok, message))
+    if not findings:
+        findings.append(Finding("state-files", True, f"{checked} state file(s) under {home} read"))
+    return findings
+
+
 CHECKS: List[Tuple[str, Check]] = [
     ("barman-config", check_barman_configuration),
     ("config-changes-queue", check_config_changes_queue),
+    ("state-files", check_state_files),
 ]
 
 
-def run(service: Service) -> List[Finding]:
+def run(service: Service, fix: bool = False) -> List[Finding]:
     """Every check, in order; a check that cannot run is a failed finding, not a crash."""
     findings: List[Finding] = []
     for name, check in CHECKS:
         try:
-            findings.extend(check(service))
+            findings.extend(check(service, fix))
         except ApiError as exc:
             findings.append(Finding(name, False, exc.message))
     return findings

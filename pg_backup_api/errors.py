@@ -67,3 +67,33 @@ class BarmanUnavailable(ApiError):
     """A barman command the request needed failed or timed out."""
 
     status = 502
+
+
+class CorruptState(ApiError):
+    """A state file (job, output, claim, worker identity) exists but cannot be read or makes no sense."""
+
+    status = 500
+
+    def __init__(self, path: str, reason: str) -> None:
+        super().__init__(f"{path} cannot be read: {reason}; `pg-backup-api doctor` lists it and "
+                         "`pg-backup-api doctor --fix` moves it aside")
+        self.path = path
+        self.reason = reason
+
+
+class InsufficientStorage(ApiError):
+    """Barman's home is full: nothing was stored."""
+
+    status = 507
+
+
+class StorageUnavailable(ApiError):
+    """Barman's home cannot be written (read-only, permissions): nothing was stored."""
+
+    status = 503
+
+
+class CancelFailed(ApiError):
+    """Processes of an operation survived SIGKILL: it stays claimed until they are gone."""
+
+    status = 500

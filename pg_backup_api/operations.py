@@ -33,9 +33,16 @@ class State(str, Enum):
     FAILED = "failed"
     CANCELED = "canceled"
     LOST = "lost"
+    # A state file of the operation cannot be read: reported, and its claim held, until an operator acts.
+    CORRUPT = "corrupt"
+    # A cancel could not stop every process (they survived SIGKILL): still running, still claimed.
+    CANCEL_FAILED = "cancel_failed"
 
 
-STATUS_OF_STATE = {State.RUNNING: Status.IN_PROGRESS, State.SUCCEEDED: Status.DONE}
+STATUS_OF_STATE = {State.RUNNING: Status.IN_PROGRESS, State.SUCCEEDED: Status.DONE,
+                   State.CANCEL_FAILED: Status.IN_PROGRESS}
+# States whose processes may still run: the status shows progress rather than an end.
+LIVE_STATES = (State.RUNNING, State.CANCEL_FAILED)
 
 # Lines barman prints as a restore moves on, and the phase each one starts.
 PHASE_MARKERS = (
@@ -144,6 +151,8 @@ def job_document(op_type: OperationType, fields: Dict[str, Any], start: datetime
 
 def state_of(record: Record) -> State:
     """The reference's rule underneath: no output file means running; else what the output says."""
+    if record.problem is not None:
+        return State(record.problem["state"])
     if record.output is None:
         return State.RUNNING
     try:
@@ -205,7 +214,7 @@ def describe(record: Record, progress: str = "", now: Optional[datetime] = None)
     doc["start_time"] = job.get("start_time")
     doc["end_time"] = out.get("end_time")
     doc["duration_s"] = duration(record, now or now_utc())
-    if state is State.RUNNING:
+    if state in LIVE_STATES:
         doc["phase"] = phase_of(progress)
         doc["output_tail"] = progress.splitlines()[-TAIL_LINES:]
     else:
@@ -213,6 +222,10 @@ def describe(record: Record, progress: str = "", now: Optional[datetime] = None)
         if out.get("reason"):
             doc["reason"] = out["reason"]
         doc["output"] = out.get("output")
+    if record.problem is not None:
+        doc["reason"] = record.problem["reason"]
+        if record.problem.get("file"):
+            doc["corrupt_file"] = record.problem["file"]
     if op_type == OperationType.RECOVERY.value:
         doc["recovery_id"] = record.op_id
     return doc

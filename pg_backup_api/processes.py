@@ -99,6 +99,17 @@ def group_members(pgid: int, marker: Optional[str] = None) -> "list[int]":
     return members
 
 
+def marked(marker: str) -> "list[int]":
+    """Pids of every running process that carries *marker*, whatever its group (a /proc scan)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and _carries(int(entry), marker):
+            stat = _stat(int(entry))
+            if stat is not None and stat[0] not in ("Z", "X"):
+                found.append(int(entry))
+    return found
+
+
 def signal_members(pgid: int, marker: str, sig: int) -> None:
     """Send *sig* to each process of group *pgid* that carries *marker*."""
     for pid in group_members(pgid, marker):

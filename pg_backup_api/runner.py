@@ -70,18 +70,28 @@ class Worker:
             self.child.send_signal(signum)
 
     def run(self, argv: List[str]) -> Tuple[Optional[int], str]:
-        self.store.record_worker(self.op_id, processes.identity().to_json())
-        if self.store.cancel_requested(self.op_id):
-            return None, "pg-backup-api: canceled before barman started\n"
+        # Installed before the worker records itself: from then on a cancel may signal it, and a
+        # signal must never be lost, whether barman has started or not.
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(signum, self._on_signal)
-        log.info("operation %s: running %s", self.op_id, argv)
-        try:
-            self.child = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                          stderr=subprocess.STDOUT,
-                                          env={**os.environ, processes.MARKER_VARIABLE: self.marker})
-        except OSError as exc:
-            return 127, f"pg-backup-api: cannot run {argv[0]}: {exc.strerror}\n"
+        self.store.record_worker(self.op_id, processes.identity().to_json())
+        # Starting barman is decided under the operation's lock, which the service's "lost" and
+        # "cancel" verdicts take too: whichever comes second sees the first.
+        with self.store.operation_lock(self.op_id):
+            refusal = self._refusal()
+            if refusal is not None:
+                log.warning("operation %s: barman not started: %s", self.op_id, refusal)
+                return None, f"pg-backup-api: barman not started: {refusal}\n"
+            log.info("operation %s: running %s", self.op_id, argv)
+            try:
+                self.child = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                              stderr=subprocess.STDOUT,
+                                              env={**os.environ, processes.MARKER_VARIABLE: self.marker})
+            except OSError as exc:
+                return 127, f"pg-backup-api: cannot run {argv[0]}: {exc.strerror}\n"
+        if self.signalled is not None and self.child.poll() is None:
+            # Arrived after the decision but before self.child was set: pass it on now.
+            self.child.send_signal(self.signalled)
         output = []
         assert self.child.stdout is not None
         with open(self.store.progress_path(self.op_id), "ab") as progress:
@@ -90,6 +100,21 @@ class Worker:
                 progress.write(line)
                 progress.flush()
         return self.child.wait(), b"".join(output).decode("utf-8", errors="replace")
+
+    def _refusal(self) -> Optional[str]:
+        """Why barman must not start now, or None. A call of its own: pending signal handlers run
+        on entering it, so a signal that arrived while the lock was awaited is seen here."""
+        if self.signalled is not None:
+            return f"the worker received {signal.Signals(self.signalled).name} before barman started"
+        try:
+            ended = self.store.read_output(self.op_id)
+        except ApiError as exc:
+            return f"the operation's output file cannot be read ({exc.message})"
+        if ended is not None:
+            return f"the operation had already ended (state {ended.get('state')}: {ended.get('reason', '')})"
+        if self.store.cancel_requested(self.op_id):
+            return "canceled before barman started"
+        return None
 
     def end_state(self, exit_code: Optional[int]) -> Tuple[State, Optional[str]]:
         if self.store.cancel_requested(self.op_id):

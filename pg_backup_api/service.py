@@ -9,20 +9,27 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
-import json
 import logging
 import re
 import signal
 import threading
-import time
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional
 
 from pg_backup_api import auth, barman_adapter, effects, processes, runner, ssh_command
-from pg_backup_api.errors import ApiError, Conflict, InvalidRequest, NoSuchModel, Unprocessable
+from pg_backup_api.errors import (
+    ApiError,
+    CancelFailed,
+    Conflict,
+    CorruptState,
+    InvalidRequest,
+    NoSuchModel,
+    NotFound,
+    Unprocessable,
+)
 from pg_backup_api.ids import is_valid_id, sort_key
 from pg_backup_api.operations import (
     ADMIN_TYPES,
@@ -40,7 +47,14 @@ from pg_backup_api.operations import (
 )
 from pg_backup_api.settings import Settings
 from pg_backup_api.single_flight import SingleFlight
-from pg_backup_api.store import OperationStore, Record, write_json_atomic
+from pg_backup_api.store import (
+    OperationStore,
+    Record,
+    corrupt,
+    read_state_file,
+    storage_error,
+    write_json_atomic,
+)
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +75,8 @@ class Service:
         self.settings = settings
         self.config_source = barman_adapter.ConfigSource(settings.barman_conf)
         self._spawn = spawn
+        # Operations a read or the start-up could not reconcile (each is logged with its file).
+        self.reconcile_errors = 0
         self._stores: Dict[Path, OperationStore] = {}
         self._stores_lock = threading.Lock()
         self.tokens = auth.TokenFile(settings.tokens_file)
@@ -82,35 +98,94 @@ class Service:
     # -- reads ---------------------------------------------------------------------------
 
     def _reconciled(self, store: OperationStore, record: Record) -> Record:
-        """*record*, turned FAILED/lost first if its worker is gone without recording an end."""
-        if record.output is not None:
+        """*record*, turned FAILED/lost first if its worker is gone without recording an end.
+
+        The fast path (the worker lives, or may still start) takes no lock; a verdict is taken
+        only under the operation's lock, after reading its files again, so a worker deciding to
+        start barman at that moment either sees the verdict or is seen to have recorded itself.
+        """
+        if record.output is not None or record.problem is not None:
             return record
-        worker = store.read_worker(record.op_id)
-        if worker is not None:
-            ident = processes.ProcessIdentity.from_json(worker)
-            if processes.is_alive(ident):
-                return record
-            reason = f"the worker (pid {ident.pid}) ended without recording a result"
-            # What it started may still run: stop it rather than let it write on unwatched.
-            processes.signal_members(ident.pid, runner.operation_marker(store.server, record.op_id),
-                                     signal.SIGTERM)
-        else:
-            started = parse_time(record.job.get("start_time"))
-            if started is None or now_utc() - started < WORKER_START_GRACE:
-                return record
-            reason = f"the worker did not start within {WORKER_START_GRACE.seconds} s"
-        log.warning("operation %s is lost: %s", record.op_id, reason)
-        runner.finish(store, record.op_id, record.job, None, store.read_progress(record.op_id),
-                      State.LOST, reason)
+        try:
+            if self._lost_reason(store, record) is None:
+                return self._cancel_failure_of(store, record)
+            with store.operation_lock(record.op_id):
+                record = store.get(record.op_id)
+                if record.output is not None or record.problem is not None:
+                    return record
+                reason = self._lost_reason(store, record)
+                if reason is None:
+                    return record
+                state = State.LOST
+                if store.cancel_requested(record.op_id):
+                    state, reason = State.CANCELED, f"canceled on request; {reason}"
+                log.warning("operation %s is %s: %s", record.op_id, state.value, reason)
+                runner.finish(store, record.op_id, record.job, None, store.read_progress(record.op_id),
+                              state, reason)
+        except CorruptState as exc:
+            log.error("operation %s is corrupt: %s", record.op_id, exc.message)
+            return replace(record, problem=corrupt(exc))
         return store.get(record.op_id)
 
-    def reconcile_all(self) -> None:
-        """At start-up: settle operations whose workers died while the service was down."""
+    def _lost_reason(self, store: OperationStore, record: Record) -> Optional[str]:
+        """Why the operation is lost, or None while its worker runs or may still start."""
+        ident = worker_identity(store, record.op_id)
+        if ident is not None:
+            if processes.is_alive(ident):
+                return None
+            marker = runner.operation_marker(store.server, record.op_id)
+            if store.cancel_failure(record.op_id) is not None and processes.group_members(ident.pid, marker):
+                return None  # what survived SIGKILL still runs: it keeps the claim
+            # What it started may still run: stop it rather than let it write on unwatched.
+            processes.signal_members(ident.pid, marker, signal.SIGTERM)
+            return f"the worker (pid {ident.pid}) ended without recording a result"
+        started = parse_time(record.job.get("start_time"))
+        if started is None or now_utc() - started < WORKER_START_GRACE:
+            return None
+        return f"the worker did not start within {WORKER_START_GRACE.seconds} s"
+
+    @staticmethod
+    def _cancel_failure_of(store: OperationStore, record: Record) -> Record:
+        failure = store.cancel_failure(record.op_id)
+        if failure is None:
+            return record
+        return replace(record, problem={"state": State.CANCEL_FAILED.value, "reason": str(failure.get("reason"))})
+
+    def reconcile_all(self) -> int:
+        """At start-up: settle operations whose workers died while the service was down.
+
+        Each server and each operation on its own: one that cannot be settled is logged with its
+        file and counted, and the others are settled still. Returns how many could not be.
+        """
+        errors = 0
         config = self.config_source.get()
         for server in [None, *config.server_names]:
-            store = self._store(server)
-            for op_id in store.unfinished():
-                self._reconciled(store, store.get(op_id))
+            try:
+                store = self._store(server)
+                unfinished = store.unfinished()
+            except Exception:
+                log.exception("cannot list the operations of %s", server or "the instance")
+                errors += 1
+                continue
+            for op_id in unfinished:
+                errors += self._reconcile_one(store, op_id)
+        self.reconcile_errors += errors
+        if errors:
+            log.error("%d server(s) or operation(s) could not be reconciled at start-up (see above)", errors)
+        return errors
+
+    def _reconcile_one(self, store: OperationStore, op_id: str) -> int:
+        """Reconcile one operation; 1 if that failed (logged with its file), else 0."""
+        try:
+            record = self._reconciled(store, store.get(op_id))
+        except NotFound:
+            return 0  # removed (pruned) meanwhile
+        except Exception:
+            log.exception("cannot reconcile operation %s (%s)", op_id, store.job_path(op_id))
+            return 1
+        if record.problem is not None and record.problem["state"] == State.CORRUPT.value:
+            log.error("operation %s: %s", op_id, record.problem["reason"])
+        return 0
 
     def list_operations(self, server: Optional[str], query: Optional[Mapping[str, Any]] = None
                         ) -> Dict[str, Any]:
@@ -118,7 +193,7 @@ class Service:
         store = self._store(server)
         operations = store.list()
         for op_id in store.unfinished(operations):
-            self._reconciled(store, store.get(op_id))
+            self.reconcile_errors += self._reconcile_one(store, op_id)
         if filters is None:
             return {"operations": operations}
         return paged(store, operations, filters)
@@ -222,15 +297,25 @@ class Service:
                          fields: Dict[str, Any], claim: Callable[[Optional[str], str], None]) -> str:
         start = now_utc()
         op_id = store.create(job_document(op_type, fields, start), start)
-        # Claimed before the worker starts: its start-up would compete with this write.
-        claim(server, op_id)
+        try:
+            # Claimed before the worker starts: its start-up would compete with this write.
+            claim(server, op_id)
+        except OSError as exc:
+            # Not claimed, so never started: forget the job rather than leave one that reads as running.
+            store.remove(op_id)
+            raise storage_error(exc, "cannot write the operation's claim") from exc
         try:
             self._spawn(op_type, server or "", op_id, store, self.settings.barman_conf)
         except Exception as exc:
             # The job file exists already: record the failure so it never reads IN_PROGRESS.
             log.exception("operation %s: cannot start its worker", op_id)
-            runner.finish(store, op_id, store.get(op_id).job, None, "", State.FAILED,
-                          f"cannot start the worker: {exc}")
+            try:
+                runner.finish(store, op_id, store.get(op_id).job, None, "", State.FAILED,
+                              f"cannot start the worker: {exc}")
+            except OSError:
+                store.remove(op_id)  # nothing can be recorded either: the operation never existed
+                if isinstance(exc, OSError):
+                    raise storage_error(exc, "cannot start the worker") from exc
             raise ApiError(f"operation {op_id} was stored but its worker could not start: {exc}") from exc
         return op_id
 
@@ -244,10 +329,16 @@ class Service:
         """
         claim_path = self._claim_path(key)
         claims = claim_path.parent
-        claims.mkdir(parents=True, exist_ok=True)
-        with open(claims / ".lock", "a") as lock:
+        try:
+            claims.mkdir(parents=True, exist_ok=True)
+            lock = open(claims / ".lock", "a")
+        except OSError as exc:
+            raise storage_error(exc, f"cannot open the claims' lock in {claims}") from exc
+        with lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             holder = self._claim_holder(claim_path)
+            if holder is not None and holder.get("corrupt"):
+                raise Conflict(f"refused until an operator checks the claim it needs: {holder['corrupt']}")
             if holder is not None:
                 where = f" of server '{holder['server']}'" if holder.get("server") else ""
                 raise Conflict(f"{busy}: operation '{holder['operation_id']}'{where}; wait for it or cancel it")
@@ -262,13 +353,32 @@ class Service:
         return claims / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.claim"
 
     def _claim_holder(self, claim_path: Path) -> Optional[Dict[str, Any]]:
-        """The claim in *claim_path* if its operation still runs, else None."""
+        """The claim in *claim_path* if its operation still runs, else None.
+
+        Fails closed: a claim that cannot be read, or whose operation's files cannot be, holds;
+        it is then {"corrupt": why}. Only a claim whose operation or server is gone is free.
+        """
         try:
-            holder = json.loads(claim_path.read_text())
-            store = self._store(holder["server"])
-            record = self._reconciled(store, store.get(holder["operation_id"]))
-        except (OSError, ValueError, KeyError, ApiError):
-            return None  # no claim, or one whose operation or server is gone
+            holder = read_state_file(claim_path)
+            if holder is None:
+                return None
+            server, op_id = holder["server"], holder["operation_id"]
+            if not (server is None or isinstance(server, str)) or not isinstance(op_id, str):
+                raise CorruptState(str(claim_path), "'server' or 'operation_id' is not a string")
+        except CorruptState as exc:
+            return {"corrupt": exc.message}
+        except KeyError as exc:
+            return {"corrupt": f"{claim_path} cannot be read: it has no {exc}; `pg-backup-api doctor` lists it "
+                               "and `pg-backup-api doctor --fix` moves it aside"}
+        try:
+            store = self._store(server)
+            record = self._reconciled(store, store.get(op_id))
+        except NotFound:
+            return None  # its operation or server is gone
+        except ApiError as exc:
+            return {"corrupt": f"the operation '{op_id}' holding it cannot be checked: {exc.message}"}
+        if record.problem is not None and record.problem["state"] == State.CORRUPT.value:
+            return {"corrupt": f"operation '{op_id}' holds it and {record.problem['reason']}"}
         return holder if record.output is None else None
 
     def cancel_operation(self, server: Optional[str], op_id: str, token: Optional[auth.Token] = None
@@ -283,17 +393,31 @@ class Service:
                                  "needs 'admin'")
         if record.output is not None:
             raise Conflict(f"operation '{op_id}' has already ended (state {state_of(record).value})")
-        store.request_cancel(op_id, {"requested_at": now_utc().isoformat()})
-        worker = store.read_worker(op_id)
-        if worker is not None:
-            pgid = processes.ProcessIdentity.from_json(worker).pid
-            if not processes.stop_group(pgid, runner.operation_marker(server, op_id), self.settings.cancel_grace):
-                log.error("operation %s: processes of group %s survived SIGKILL", op_id, pgid)
-            # The worker records `canceled` itself once barman is gone; give it a moment.
-            deadline = time.monotonic() + 5
-            while store.read_output(op_id) is None and time.monotonic() < deadline:
-                time.sleep(0.05)
-        if store.read_output(op_id) is None:  # the worker had not started, or was killed
+        if record.problem is not None and record.problem["state"] == State.CORRUPT.value:
+            raise Conflict(f"operation '{op_id}' cannot be canceled: {record.problem['reason']}")
+        with store.operation_lock(op_id):
+            # Under the lock the worker takes to start barman: it starts before this or sees the request.
+            ended = store.read_output(op_id)
+            if ended is not None:
+                raise Conflict(f"operation '{op_id}' has already ended "
+                               f"(state {state_of(Record(op_id, {}, ended)).value})")
+            store.request_cancel(op_id, {"requested_at": now_utc().isoformat()})
+            ident = worker_identity(store, op_id)
+            if ident is None:  # no worker yet: once it starts, it sees the end and starts nothing
+                runner.finish(store, op_id, record.job, None, store.read_progress(op_id), State.CANCELED,
+                              "canceled on request")
+                return describe(store.get(op_id))
+        marker = runner.operation_marker(server, op_id)
+        # The worker is in its group: once the group is empty, the worker has recorded its end or never will.
+        if not processes.stop_group(ident.pid, marker, self.settings.cancel_grace):
+            survivors = processes.group_members(ident.pid, marker)
+            reason = (f"processes {', '.join(map(str, survivors))} of operation '{op_id}' survived SIGKILL "
+                      f"(uninterruptible, probably waiting on I/O); it stays claimed until they are gone: "
+                      f"cancel again later")
+            log.error("%s", reason)
+            store.record_cancel_failed(op_id, {"reason": reason, "pids": survivors, "at": now_utc().isoformat()})
+            raise CancelFailed(reason)
+        if store.read_output(op_id) is None:  # the worker was killed before it could record its end
             runner.finish(store, op_id, record.job, None, store.read_progress(op_id), State.CANCELED,
                           "canceled on request")
         return describe(store.get(op_id))
@@ -308,7 +432,10 @@ class Service:
         for name in servers:
             store = self._store(name)
             for op in store.list():
-                output = store.read_output(op["id"])
+                try:
+                    output = store.read_output(op["id"])
+                except CorruptState:
+                    continue  # never pruned: `pg-backup-api doctor` shows it to an operator
                 ended = parse_time(output.get("end_time")) if output else None
                 if ended is None or ended >= cutoff:
                     continue
@@ -361,6 +488,17 @@ class Service:
         checks = [{"name": name, "status": item.get("status"), "hint": item.get("hint", "")}
                   for name, item in result.items()]
         return {"server": server, "ok": all(c["status"] == "OK" for c in checks), "checks": checks}
+
+
+def worker_identity(store: OperationStore, op_id: str) -> Optional[processes.ProcessIdentity]:
+    """Who the operation's worker is, None before it has recorded itself; CorruptState if unreadable."""
+    worker = store.read_worker(op_id)
+    if worker is None:
+        return None
+    try:
+        return processes.ProcessIdentity.from_json(worker)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CorruptState(str(store.worker_path(op_id)), f"not a worker identity ({exc!r})") from None
 
 
 LIST_STATUSES = ("IN_PROGRESS", "DONE", "FAILED")

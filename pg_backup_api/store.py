@@ -10,6 +10,8 @@ An operation's status follows from which files exist, so the files are the only 
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
 import logging
 import os
@@ -24,7 +26,7 @@ from pathlib import Path
 from typing import Any, Dict, Iterable, Iterator, List, Optional, Tuple
 
 from pg_backup_api import ids
-from pg_backup_api.errors import ApiError, NoSuchOperation
+from pg_backup_api.errors import ApiError, CorruptState, InsufficientStorage, NoSuchOperation, StorageUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +39,21 @@ WORKER_LOG_SUFFIX = ".log"  # the worker's own log (its stderr)
 PROGRESS_SUFFIX = ".out"  # what barman has printed so far
 WORKER_SUFFIX = ".worker"  # who the worker is: pid, start time, boot id
 CANCEL_SUFFIX = ".cancel"  # a cancellation was asked for
-SIDE_SUFFIXES = (WORKER_LOG_SUFFIX, PROGRESS_SUFFIX, WORKER_SUFFIX, CANCEL_SUFFIX)
+CANCEL_FAILED_SUFFIX = ".cancel-failed"  # processes survived SIGKILL: why, and which
+SIDE_SUFFIXES = (WORKER_LOG_SUFFIX, PROGRESS_SUFFIX, WORKER_SUFFIX, CANCEL_SUFFIX, CANCEL_FAILED_SUFFIX)
+# errno values that mean "the disk is full" (507) and "this file system cannot be written" (503).
+FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+UNWRITABLE_ERRNOS = (errno.EROFS, errno.EACCES, errno.EPERM)
+
+
+def storage_error(exc: OSError, what: str) -> ApiError:
+    """The domain error of a failed write under Barman's home: 507 when full, 503 when unwritable."""
+    detail = f"{what}: {exc.strerror or exc}"
+    if exc.errno in FULL_ERRNOS:
+        return InsufficientStorage(f"{detail}; nothing was stored, free space under Barman's home")
+    if exc.errno in UNWRITABLE_ERRNOS:
+        return StorageUnavailable(f"{detail}; nothing was stored, Barman's home must be writable")
+    return ApiError(detail)
 
 
 @contextmanager
@@ -121,6 +137,16 @@ def _read_json(path: Path) -> Dict[str, Any]:
     return data
 
 
+def read_state_file(path: Path) -> Optional[Dict[str, Any]]:
+    """A state file's JSON object; None when it does not exist; CorruptState when it cannot be read."""
+    try:
+        return _read_json(path)
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        raise CorruptState(str(path), str(exc) or exc.__class__.__name__) from None
+
+
 @dataclass(frozen=True)
 class Record:
     """One operation as stored: its job file, and its output file once it has ended."""
@@ -128,6 +154,8 @@ class Record:
     op_id: str
     job: Dict[str, Any]
     output: Optional[Dict[str, Any]]
+    # Set when what the files say cannot be trusted: {"state": "corrupt"|"cancel_failed", "reason", "file"?}.
+    problem: Optional[Dict[str, str]] = None
 
 
 class OperationStore:
@@ -168,6 +196,25 @@ class OperationStore:
     def cancel_path(self, op_id: str) -> Path:
         return self.workers_dir / f"{self._checked(op_id)}{CANCEL_SUFFIX}"
 
+    def cancel_failed_path(self, op_id: str) -> Path:
+        return self.workers_dir / f"{self._checked(op_id)}{CANCEL_FAILED_SUFFIX}"
+
+    @contextmanager
+    def operation_lock(self, op_id: str) -> Iterator[None]:
+        """The per-operation lock (an flock on its job file): the worker's "start barman now" and
+        the service's "lost" and "cancel" verdicts are taken under it, so the second sees the first."""
+        try:
+            fd = os.open(self.job_path(op_id), os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise NoSuchOperation(op_id) from None
+        except OSError as exc:
+            raise CorruptState(str(self.job_path(op_id)), exc.strerror or str(exc)) from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # releases the lock
+
     @staticmethod
     def _checked(op_id: str) -> str:
         if not ids.is_valid_id(op_id):
@@ -179,7 +226,7 @@ class OperationStore:
             self.workers_dir.mkdir(parents=True, exist_ok=True)
             self.output_dir.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            raise ApiError(f"cannot create the operation folders under {self.root}: {exc.strerror}") from exc
+            raise storage_error(exc, f"cannot create the operation folders under {self.root}") from exc
 
     def create(self, fields: Dict[str, Any], now: datetime) -> str:
         """Store a new job file and return its id; concurrent callers always get distinct ids."""
@@ -188,38 +235,40 @@ class OperationStore:
             path = write_json_new((self.job_path(op_id) for op_id in ids.candidates(now)), fields)
         except FileExistsError:
             raise ApiError("no free operation id left for this second") from None
+        except OSError as exc:  # the temporary file is gone: no half-written job file is left
+            raise storage_error(exc, f"cannot write a job file in {self.jobs_dir}") from exc
         return path.name[:-len(".json")]
 
     def get(self, op_id: str) -> Record:
-        job_path = self.job_path(op_id)
+        """The operation's files; one that cannot be read makes a record with a `corrupt` problem."""
+        job: Dict[str, Any] = {}
         try:
-            job = _read_json(job_path)
-        except FileNotFoundError:
-            raise NoSuchOperation(op_id) from None
-        except (OSError, ValueError) as exc:
-            raise ApiError(f"the job file of operation '{op_id}' cannot be read: {exc}") from None
-        return Record(op_id, job, self.read_output(op_id))
+            found = read_state_file(self.job_path(op_id))
+            if found is None:
+                raise NoSuchOperation(op_id)
+            job = found
+            return Record(op_id, job, self.read_output(op_id))
+        except CorruptState as exc:
+            log.error("operation %s is corrupt: %s", op_id, exc.message)
+            return Record(op_id, job, None, corrupt(exc))
 
     def read_output(self, op_id: str) -> Optional[Dict[str, Any]]:
-        try:
-            return _read_json(self.output_path(op_id))
-        except FileNotFoundError:
-            return None
-        except (OSError, ValueError) as exc:
-            raise ApiError(f"the output file of operation '{op_id}' cannot be read: {exc}") from None
+        return read_state_file(self.output_path(op_id))
 
     def record_worker(self, op_id: str, identity: Dict[str, Any]) -> None:
         self.workers_dir.mkdir(parents=True, exist_ok=True)
         write_json_atomic(self.worker_path(op_id), identity, exclusive=False)
 
     def read_worker(self, op_id: str) -> Optional[Dict[str, Any]]:
-        try:
-            return _read_json(self.worker_path(op_id))
-        except FileNotFoundError:
-            return None
-        except (OSError, ValueError) as exc:
-            log.warning("unreadable worker record of %s: %s", op_id, exc)
-            return None
+        """The worker's identity as recorded; None before it records it; CorruptState if unreadable."""
+        return read_state_file(self.worker_path(op_id))
+
+    def record_cancel_failed(self, op_id: str, failure: Dict[str, Any]) -> None:
+        write_json_atomic(self.cancel_failed_path(op_id), failure, exclusive=False)
+
+    def cancel_failure(self, op_id: str) -> Optional[Dict[str, Any]]:
+        """Why the last cancel could not stop the operation's processes, if it could not."""
+        return read_state_file(self.cancel_failed_path(op_id))
 
     def request_cancel(self, op_id: str, request: Dict[str, Any]) -> None:
         self.workers_dir.mkdir(parents=True, exist_ok=True)  # none yet for a reference's job
@@ -271,7 +320,10 @@ class OperationStore:
         """`success` and `state` of an ended operation (cached), None while it runs."""
         summary = self._ends.get(op_id)
         if summary is None:
-            output = self.read_output(op_id)
+            try:
+                output = self.read_output(op_id)
+            except CorruptState:
+                return {"success": False, "state": "corrupt"}  # not cached: the operator may fix it
             if output is None:
                 return None
             summary = {k: output[k] for k in ("success", "state") if k in output}
@@ -301,16 +353,33 @@ class OperationStore:
                        key=ids.sort_key)
         with self._lock:
             known: Dict[str, str] = {}
+            corrupt_ids = set()
             for op_id in found:
                 op_type = self._types.get(op_id)
                 if op_type is None:
                     try:
-                        op_type = str(_read_json(self.job_path(op_id)).get("operation_type"))
-                    except (OSError, ValueError) as exc:
-                        log.warning("skipping unreadable job file of %s: %s", op_id, exc)
+                        job = read_state_file(self.job_path(op_id))
+                    except CorruptState as exc:
+                        # Listed, so the client sees it; its status says `corrupt` and why.
+                        log.error("operation %s is corrupt: %s", op_id, exc.message)
+                        corrupt_ids.add(op_id)
+                        known[op_id] = UNKNOWN_TYPE
                         continue
+                    if job is None:
+                        continue  # removed (pruned) since the directory was read
+                    op_type = str(job.get("operation_type"))
                 known[op_id] = op_type
-            self._types = known
-            listing = [{"id": i, "type": t} for i, t in known.items()]
-            self._listing = (stamp, listing)
+            self._types = {i: t for i, t in known.items() if i not in corrupt_ids}
+            listing = [{"id": i, "type": t, "state": "corrupt"} if i in corrupt_ids else {"id": i, "type": t}
+                       for i, t in known.items()]
+            # A corrupt file may be repaired in place, which leaves the directory's mtime alone.
+            self._listing = (None if corrupt_ids else stamp, listing)
         return listing
+
+
+UNKNOWN_TYPE = "unknown"
+
+
+def corrupt(exc: CorruptState) -> Dict[str, str]:
+    """The `problem` of a record whose files cannot be read."""
+    return {"state": "corrupt", "reason": exc.message, "file": exc.path}
