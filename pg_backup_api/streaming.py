@@ -55,6 +55,8 @@ def follow(store: OperationStore, op_id: str, reconcile: Callable[[], Any], rele
     partial = b""
     last_sent = time.monotonic()
     try:
+        # A comment first, so the headers leave at once (through a proxy too), before any output.
+        yield f": output of operation {op_id}\n\n".encode()
         while True:
             record = reconcile()
             # Read after the check: the worker writes its last line before the output file.
