@@ -240,6 +240,7 @@ class Metrics:
         now = time.time()
         yield from self._barman(config, now)
         yield from self._operations_metrics([None, *config.server_names])
+        yield from self._config_changes()
 
     # -- the exporter's metrics ----------------------------------------------------------------
 
@@ -298,6 +299,19 @@ class Metrics:
             updated.add_metric([name], now)
         return [size, wal, total, failed, last, first, copy_time, up, updated, window_start, window_end, age,
                 check_time]
+
+    def _config_changes(self) -> Iterable[Metric]:
+        """Barman's queue of configuration changes, as GET /servers reports it (one small file read)."""
+        pending = GaugeMetricFamily("pgba_config_changes_pending",
+                                    "Change sets waiting in Barman's config change queue")
+        stuck = GaugeMetricFamily("pgba_config_changes_stuck",
+                                  "1 when change sets wait in the queue and no config_update runs to apply them")
+        queue = self.service.config_changes_queue()
+        # An unreadable queue has no count: both gauges are left out rather than reported as 0.
+        if queue.get("pending") is not None:
+            pending.add_metric([], queue["pending"])
+            stuck.add_metric([], 1 if queue["stuck"] else 0)
+        return [pending, stuck]
 
     # -- this service's operations ---------------------------------------------------------------
 

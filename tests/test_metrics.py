@@ -246,3 +246,29 @@ def test_metrics_need_the_read_scope_when_tokens_are_on(lab, tmp_path):
                                  tokens_file=str(tmp_path / "tokens.json"))).test_client()
     assert client.get("/metrics").status_code == 401
     assert "barman_backups_total" in scrape(client, headers={"Authorization": f"Bearer {secret}"})
+
+
+# A change set Barman cannot apply (its file cannot be written): `barman cron` fails on it forever.
+STUCK_CHANGE_SET = [{"section": "pg", "changes_set": [
+    {"key": "description", "value": "x", "config_file": "/nonexistent/dir/pg.conf"}]}]
+
+
+def test_the_config_change_queue_pending_and_stuck_as_get_servers_reports_it(client, lab):
+    families = scrape(client)
+    assert samples(families, "pgba_config_changes_pending") == {(): 0}
+    assert samples(families, "pgba_config_changes_stuck") == {(): 0}
+
+    (lab.home / "cfg_changes.queue").write_text(json.dumps(STUCK_CHANGE_SET * 2))
+    families = scrape(client)
+    assert samples(families, "pgba_config_changes_pending") == {(): 2}
+    assert samples(families, "pgba_config_changes_stuck") == {(): 1}
+    queue = client.get("/servers").json["config_changes_queue"]
+    assert (queue["pending"], queue["stuck"]) == (2, True)
+
+
+def test_an_unreadable_config_change_queue_has_no_gauges_rather_than_zeros(client, lab):
+    (lab.home / "cfg_changes.queue").mkdir()  # open() fails with EISDIR: the count is unknown
+    families = scrape(client)
+    assert samples(families, "pgba_config_changes_pending") == {}
+    assert samples(families, "pgba_config_changes_stuck") == {}
+    assert samples(families, "barman_backups_total", server="pg") == {(): 3}  # the rest is still there
