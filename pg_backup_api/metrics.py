@@ -20,9 +20,9 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass
 from pathlib import Path
-from typing import Any, Dict, Iterable, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily, Metric
@@ -37,6 +37,8 @@ log = logging.getLogger(__name__)
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 METRICS_DIR = ".metrics"
 CHECKS_FILE = "checks.json"
+FACTS_FILE = "ended.json"
+CATALOGUES_FILE = "catalogues.json"
 PENDING_FILE = "checks.pending"
 # Seconds: from a second to a day, the span of Barman's operations.
 DURATION_BUCKETS = (1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600, 7200, 14400, 43200, 86400)
@@ -53,12 +55,22 @@ class Ended:
 
 
 class OperationFacts:
-    """The operation counts and durations of one store, rebuilt only when its listing changes."""
+    """The operation counts and durations of one store, rebuilt only when its listing changes.
 
-    def __init__(self) -> None:
-        self._ended: Dict[str, Ended] = {}
+    How an operation ended never changes once its output file is written, so the facts of ended
+    operations are also kept in a file (`FactsFile`): a worker that starts reads that one file
+    instead of every output file again.
+    """
+
+    def __init__(self, known: Optional[Dict[str, Ended]] = None) -> None:
+        self._ended: Dict[str, Ended] = dict(known or {})
         self._key: Tuple[Any, ...] = ()
         self._result: Tuple[Dict[Tuple[str, str], int], List[Ended], int] = ({}, [], 0)
+        self.new = 0  # facts read from output files since they were last saved
+
+    @property
+    def ended(self) -> Dict[str, Ended]:
+        return self._ended
 
     def read(self, store: OperationStore, listing: List[Dict[str, str]], pending: List[str]
              ) -> Tuple[Dict[Tuple[str, str], int], List[Ended], int]:
@@ -76,7 +88,10 @@ class OperationFacts:
             if op["id"] in running:
                 counts[(op["type"], State.RUNNING.value)] = counts.get((op["type"], State.RUNNING.value), 0) + 1
                 continue
-            fact = self._ended.get(op["id"]) or self._read(store, op["id"], op["type"])
+            fact = self._ended.get(op["id"])
+            if fact is None:
+                fact = self._read(store, op["id"], op["type"])
+                self.new += fact is not None
             if fact is None:
                 continue
             known[op["id"]] = fact
@@ -102,6 +117,43 @@ class OperationFacts:
         start, end = parse_time(output.get("start_time")), parse_time(output.get("end_time"))
         duration = (end - start).total_seconds() if start and end else None
         return Ended(op_type, state, duration)
+
+
+class FactsFile:
+    """`<barman_home>/jobs/.metrics/ended.json`: how each ended operation ended, by server, shared by
+    the workers and kept across restarts. Only a cache: unreadable or odd, it is ignored and rebuilt
+    from the output files; workers that save at once lose nothing but a few reads."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def load(self) -> Dict[str, Dict[str, Ended]]:
+        try:
+            data = json.loads(self.path.read_text())
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError) as exc:
+            log.warning("metrics: ignoring %s: %s", self.path, exc)
+            return {}
+        states = {s.value for s in State}
+        facts: Dict[str, Dict[str, Ended]] = {}
+        servers = data.get("servers") if isinstance(data, dict) else None
+        for label, ops in (servers.items() if isinstance(servers, dict) else ()):
+            if not isinstance(ops, dict):
+                continue
+            facts[label] = {op_id: Ended(item[0], item[1], item[2]) for op_id, item in ops.items()
+                            if isinstance(item, list) and len(item) == 3 and isinstance(item[0], str)
+                            and item[1] in states and (item[2] is None or isinstance(item[2], (int, float)))}
+        return facts
+
+    def save(self, facts: Dict[str, Dict[str, Ended]]) -> None:
+        document = {"servers": {label: {op_id: [f.op_type, f.state, f.duration] for op_id, f in ops.items()}
+                                for label, ops in facts.items()}}
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            write_json_atomic(self.path, document, exclusive=False)
+        except OSError as exc:
+            log.warning("metrics: cannot save %s: %s", self.path, exc.strerror or exc)
 
 
 class CheckResults:
@@ -201,11 +253,19 @@ def refresh_checks(barman_conf: str, timeout: float) -> int:
 
 
 class CatalogueCache:
-    """Each server's catalogue, read again only when `catalogue_key` changes."""
+    """Each server's catalogue, read again only when `catalogue_key` changes.
 
-    def __init__(self) -> None:
+    With *path*, the catalogues are also kept in that file with their keys, so a worker that starts
+    reads Barman's files only for servers whose catalogue changed meanwhile. Only a cache: a file
+    unreadable or odd is ignored.
+    """
+
+    def __init__(self, path: Optional[Callable[[], Path]] = None) -> None:
         self._entries: Dict[str, Tuple[Tuple[Any, ...], barman_adapter.Catalogue]] = {}
         self._lock = threading.Lock()
+        self._where = path  # asked at the first read: the configuration may not be readable at start
+        self._path: Optional[Path] = None
+        self._persisted: Optional[Dict[str, Any]] = None
 
     def get(self, server_config: Any) -> barman_adapter.Catalogue:
         key = barman_adapter.catalogue_key(server_config)
@@ -213,9 +273,53 @@ class CatalogueCache:
         if cached is not None and cached[0] == key:
             return cached[1]
         with self._lock:
-            catalogue = barman_adapter.read_catalogue(server_config)
+            catalogue = self._from_file(server_config, key)
+            if catalogue is None:
+                catalogue = barman_adapter.read_catalogue(server_config)
+                self._save(server_config.name, key, catalogue)
             self._entries[server_config.name] = (key, catalogue)
         return catalogue
+
+    def _from_file(self, server_config: Any, key: Tuple[Any, ...]) -> Optional[barman_adapter.Catalogue]:
+        if self._where is None:
+            return None
+        if self._persisted is None:
+            self._path = self._where()
+            try:
+                data = json.loads(self._path.read_text())
+                self._persisted = data if isinstance(data, dict) else {}
+            except FileNotFoundError:
+                self._persisted = {}
+            except (OSError, ValueError) as exc:
+                log.warning("metrics: ignoring %s: %s", self._path, exc)
+                self._persisted = {}
+        entry = self._persisted.get(server_config.name)
+        if not isinstance(entry, dict) or entry.get("key") != _json_key(key):
+            return None
+        try:
+            backups = tuple(barman_adapter.CatalogueBackup(*item) for item in entry["backups"])
+            last_wal = entry["last_wal_time"]
+        except (KeyError, TypeError):
+            return None
+        # Barman's setting comes from the configuration, which the key does not cover: read it now.
+        max_age = getattr(server_config, "last_backup_maximum_age", None)
+        return barman_adapter.Catalogue(backups, last_wal, max_age.total_seconds() if max_age is not None else None)
+
+    def _save(self, server: str, key: Tuple[Any, ...], catalogue: barman_adapter.Catalogue) -> None:
+        if self._path is None or self._persisted is None:
+            return
+        self._persisted[server] = {"key": _json_key(key), "last_wal_time": catalogue.last_wal_time,
+                                   "backups": [list(astuple(b)) for b in catalogue.backups]}
+        try:
+            self._path.parent.mkdir(parents=True, exist_ok=True)
+            write_json_atomic(self._path, self._persisted, exclusive=False)
+        except OSError as exc:
+            log.warning("metrics: cannot save %s: %s", self._path, exc.strerror or exc)
+
+
+def _json_key(key: Tuple[Any, ...]) -> List[Any]:
+    """The key as it reads back from JSON (tuples become lists)."""
+    return json.loads(json.dumps(key))
 
 
 class Metrics:
@@ -223,9 +327,10 @@ class Metrics:
 
     def __init__(self, service: Any) -> None:
         self.service = service
-        self.catalogues = CatalogueCache()
+        self.catalogues = CatalogueCache(lambda: metrics_dir(service.config_source.get().barman_home) / CATALOGUES_FILE)
         self.checks = CheckResults()
         self._operations: Dict[Optional[str], OperationFacts] = {}
+        self._persisted: Optional[Dict[str, Dict[str, Ended]]] = None  # read once, at the first scrape
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(self)
 
@@ -241,6 +346,14 @@ class Metrics:
         yield from self._barman(config, now)
         yield from self._operations_metrics([None, *config.server_names])
         yield from self._config_changes()
+
+    def _facts_file(self) -> FactsFile:
+        return FactsFile(metrics_dir(self.service.config_source.get().barman_home) / FACTS_FILE)
+
+    def _persisted_facts(self) -> Dict[str, Dict[str, Ended]]:
+        if self._persisted is None:
+            self._persisted = self._facts_file().load()
+        return self._persisted
 
     # -- the exporter's metrics ----------------------------------------------------------------
 
@@ -330,9 +443,11 @@ class Metrics:
             except ApiError as exc:
                 log.warning("metrics: cannot list the operations of %s: %s", server or "the instance", exc.message)
                 continue
-            facts = self._operations.setdefault(server, OperationFacts())
-            counts, ended, in_progress = facts.read(store, listing, pending)
             label = server or INSTANCE
+            facts = self._operations.get(server)
+            if facts is None:
+                facts = self._operations[server] = OperationFacts(self._persisted_facts().get(label))
+            counts, ended, in_progress = facts.read(store, listing, pending)
             for (op_type, state), count in sorted(counts.items()):
                 by_state.add_metric([label, op_type, state], count)
             running.add_metric([label], in_progress)
@@ -340,6 +455,10 @@ class Metrics:
             for fact in ended:
                 if fact.duration is not None:
                     durations.setdefault((fact.op_type, fact.state), []).append(fact.duration)
+        if any(facts.new for facts in self._operations.values()):
+            self._facts_file().save({server or INSTANCE: facts.ended for server, facts in self._operations.items()})
+            for facts in self._operations.values():
+                facts.new = 0
         histogram = HistogramMetricFamily("pgba_operation_duration_seconds",
                                           "How long ended operations took, by type and outcome",
                                           labels=["type", "outcome"])

@@ -272,3 +272,47 @@ def test_an_unreadable_config_change_queue_has_no_gauges_rather_than_zeros(clien
     assert samples(families, "pgba_config_changes_pending") == {}
     assert samples(families, "pgba_config_changes_stuck") == {}
     assert samples(families, "barman_backups_total", server="pg") == {(): 3}  # the rest is still there
+
+
+def test_a_new_worker_takes_the_facts_its_predecessors_kept_and_reads_no_output_or_catalogue(lab, monkeypatch):
+    """A restart costs one file read per kind, not one per ended operation and per backup."""
+    store = OperationStore(lab.home / "pg", "pg")
+    for hour in range(10, 15):
+        ended(store, "recovery", "failed" if hour == 12 else "succeeded", f"2026-11-25T{hour}:00:00+00:00", 7,
+              success=hour != 12)
+    before = comparable_exposition(create_app(Settings(barman_conf=str(lab.conf))).test_client())
+    reads = []
+    monkeypatch.setattr(OperationStore, "read_output", lambda self, op_id: reads.append(op_id))
+    monkeypatch.setattr(metrics.barman_adapter, "read_catalogue", lambda config: reads.append(config.name))
+    after = comparable_exposition(create_app(Settings(barman_conf=str(lab.conf))).test_client())
+    assert after == before
+    assert reads == []
+
+
+def test_kept_facts_do_not_hide_a_new_backup_or_a_new_operation(lab):
+    store = OperationStore(lab.home / "pg", "pg")
+    scrape(create_app(Settings(barman_conf=str(lab.conf))).test_client())  # leaves the files
+    lab_backup(lab, "20261123T010000", "DONE", "2026-11-23 01:00:00+00:00", "2026-11-23 01:05:00+00:00",
+               7000, "000000010000000000000015", 3)
+    ended(store, "backup", "succeeded", "2026-11-25T13:00:00+00:00", 30, success=True)
+    families = scrape(create_app(Settings(barman_conf=str(lab.conf))).test_client())
+    assert value(families, "barman_backups_total", server="pg") == 4
+    assert value(families, "barman_backups_size", server="pg", number="1") == 7000
+    assert value(families, "pgba_operations", server="pg", type="backup", state="succeeded") == 1
+
+
+@pytest.mark.parametrize("garbage", ["", "not json", "[1, 2]", '{"servers": {"pg": {"x": [1, 2, 3]}}, "pg": 5}'])
+def test_unreadable_kept_facts_are_ignored(lab, garbage):
+    store = OperationStore(lab.home / "pg", "pg")
+    ended(store, "recovery", "failed", "2026-11-25T12:00:00+00:00", 3)
+    expected = comparable_exposition(create_app(Settings(barman_conf=str(lab.conf))).test_client())
+    for name in (metrics.FACTS_FILE, metrics.CATALOGUES_FILE):
+        (metrics.metrics_dir(lab.home) / name).write_text(garbage)
+    assert comparable_exposition(create_app(Settings(barman_conf=str(lab.conf))).test_client()) == expected
+
+
+def comparable_exposition(client):
+    """The exposition without the lines that hold the time of the scrape."""
+    text = client.get("/metrics").data.decode()
+    return [line for line in text.splitlines()
+            if not line.startswith(("barman_metrics_update", "pgba_last_successful_backup_age"))]
