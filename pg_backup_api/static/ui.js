@@ -86,6 +86,8 @@
         state.textContent = doc.status + " (" + doc.state + ")";
         state.className = "state-" + doc.state;
         pre.dataset.running = "no";
+        // The other fields (duration, phase, reason) were drawn while it ran: draw the ended operation.
+        load();
       } else {
         pre.textContent += data.join("\n") + "\n";
         pre.scrollTop = pre.scrollHeight;

@@ -14,7 +14,7 @@ from typing import Any, Dict, Iterator, List
 
 import pytest
 
-from .conftest import ROOT, VENV, Front, Sandbox, unavailable
+from .conftest import ROOT, VENV, Front, Sandbox, Service, unavailable
 
 pytestmark = pytest.mark.e2e
 
@@ -90,8 +90,11 @@ def see_server(page: Any, sandbox: Sandbox, shot: str) -> None:
     shoot(page, shot)
 
 
-def follow_operation(page: Any, base_url: str, sandbox: Sandbox, op_id: str, shot: str) -> List[Dict[str, Any]]:
+def follow_operation(page: Any, base_url: str, sandbox: Sandbox, service: Service, op_id: str, shot: str
+                     ) -> List[Dict[str, Any]]:
     """Open the operation from the server's list of operations and watch it to its end; the output log."""
+    from playwright.sync_api import expect
+
     page.goto(f"{base_url}/ui/?server={sandbox['BARMAN_SERVER']}")
     page.locator("#operations a", has_text=op_id).click()
     page.locator("#state").wait_for()
@@ -101,6 +104,10 @@ def follow_operation(page: Any, base_url: str, sandbox: Sandbox, op_id: str, sho
     assert page.locator("#state").inner_text() == "DONE (succeeded)"
     output = page.locator("#output").inner_text()
     assert "successfully prepared for recovery" in output, output
+    final = service.get(f"/servers/{sandbox['BARMAN_SERVER']}/operations/{op_id}").json()
+    # Every field is the ended operation's, not what was drawn while it ran.
+    expect(page.locator("#fields tr", has_text="duration_s").locator("td")).to_have_text(str(final["duration_s"]))
+    assert page.locator("#output").inner_text().splitlines() == final["output"].splitlines()
     shoot(page, shot)
     return page.evaluate("window.__outputLog")
 
@@ -124,7 +131,7 @@ def test_the_page_shows_the_servers_a_server_and_a_recovery_started_with_the_cli
                          "--ssh-command", sandbox["SSH_COMMAND"])
         assert started.returncode == 0, started.stdout + started.stderr
         op_id = started.stdout.split()[0]
-        log = follow_operation(page, service.url, sandbox, op_id, "operation")
+        log = follow_operation(page, service.url, sandbox, service, op_id, "operation")
         assert_lines_came_while_it_ran(log)
     finally:
         context.close()
@@ -146,7 +153,7 @@ def test_the_page_through_the_apache_vhost_with_a_client_certificate(sandbox, se
                          "--cert", cert, "--key", key, "--cacert", apache_front.tls["verify"])
         assert started.returncode == 0, started.stdout + started.stderr
         op_id = started.stdout.split()[0]
-        log = follow_operation(page, apache_front.url, sandbox, op_id, "apache-operation")
+        log = follow_operation(page, apache_front.url, sandbox, service, op_id, "apache-operation")
         assert_lines_came_while_it_ran(log)
     finally:
         context.close()
