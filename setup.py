@@ -8,9 +8,9 @@ setup(
     long_description_content_type="text/markdown",
     license="GPL-3.0-or-later",
     packages=find_packages(include=["pg_backup_api", "pg_backup_api.*"]),
-    package_data={"pg_backup_api": ["openapi.json"]},
+    package_data={"pg_backup_api": ["openapi.json", "templates/*.html", "static/*"]},
     python_requires=">=3.9",
-    install_requires=["flask>=2.2", "requests>=2.28", "barman>=3.0", "jsonschema>=4.17"],
+    install_requires=["flask>=2.2", "requests>=2.28", "barman>=3.0", "jsonschema>=4.17", "prometheus_client>=0.17"],
     entry_points={"console_scripts": ["pg-backup-api = pg_backup_api.cli:main"]},
     classifiers=["Programming Language :: Python :: 3"],
 )

@@ -51,12 +51,16 @@ class Plan:
     soak_seconds: int
     rss_requests: int
     recovery_runs: int
+    scrape_servers: int  # the /metrics scenario: servers, backups per server, operations in all
+    scrape_backups: int
+    scrape_operations: int
+    cold_starts: int  # first scrapes measured, each after a fresh start of gunicorn
 
     @classmethod
     def make(cls, quick: bool) -> "Plan":
         if quick:
-            return cls(True, (0, 10, 100), (1, 100), 1, 1, 1, 1, 250, 2, 1000, 1)
-        return cls(False, (0, 1000, 10000), (1, 1000, 10000), 5, 3, 2, 8, 250, 30, 100_000, 5)
+            return cls(True, (0, 10, 100), (1, 100), 1, 1, 1, 1, 250, 2, 1000, 1, 5, 10, 100, 1)
+        return cls(False, (0, 1000, 10000), (1, 1000, 10000), 5, 3, 2, 8, 250, 30, 100_000, 5, 5, 100, 10_000, 3)
 
 
 # -- the synthetic Barman home -------------------------------------------------------------
@@ -169,6 +173,105 @@ class Fixture:
         jobs = {p.stem for p in (self.home / server / "jobs").glob("*.json")}
         ended = {p.stem for p in (self.home / server / "output").glob("*.json")}
         return len(jobs - ended)
+
+
+@dataclass
+class ScrapeFixture:
+    """What /metrics reads on a real Barman host: servers with a backup history and archived WAL, ended
+    operations, and one recovery still running (its worker a `sleep` this benchmark started), to follow."""
+
+    root: Path
+    servers: int
+    backups: int
+    operations: int
+    conf: Path = field(init=False)
+    home: Path = field(init=False)
+    running: str = "20261130T000000"
+    sleeper: Optional[subprocess.Popen] = None
+
+    def __post_init__(self) -> None:
+        self.root.mkdir()
+        self.conf = self.root / "barman.conf"
+        self.home = self.root / "home"
+        conf_dir = self.root / "barman.d"
+        self.home.mkdir()
+        conf_dir.mkdir()
+        self.conf.write_text(textwrap.dedent(f"""\
+            [barman]
+            barman_home = {self.home}
+            barman_user = {getpass.getuser()}
+            configuration_files_directory = {conf_dir}
+            log_file = {self.root}/barman.log
+            """))
+        per_server = self.operations // self.servers
+        for no in range(1, self.servers + 1):
+            server = f"m{no}"
+            (conf_dir / f"{server}.conf").write_text(
+                f"[{server}]\ndescription = \"scrape benchmark\"\nconninfo = host=/nonexistent dbname=postgres\n"
+                "streaming_conninfo = host=/nonexistent\nbackup_method = postgres\nstreaming_archiver = on\n"
+                "slot_name = barman\n")
+            self._history(server)
+            jobs, outputs = self.home / server / "jobs", self.home / server / "output"
+            jobs.mkdir()
+            outputs.mkdir()
+            first = datetime(2026, 11, 1, tzinfo=timezone.utc) - timedelta(minutes=30 * per_server)
+            for i in range(per_server):
+                start = first + timedelta(minutes=30 * i)
+                Fixture._write_operation(jobs, outputs, start.strftime("%Y%m%dT%H%M%S"), start, ok=i % 10 != 3)
+        # Fresh `barman check` results, so that no scrape starts the background refresh (it would run
+        # `barman check` against servers that do not exist and take the CPU the scrapes are measured on).
+        checks = self.home / "jobs" / ".metrics"
+        checks.mkdir(parents=True)
+        (checks / "checks.json").write_text(json.dumps({"time": time.time(), "duration_s": 1.0, "servers": {
+            f"m{no}": {"postgresql": 1, "wal_level": 1, "backup_maximum_age": 1}
+            for no in range(1, self.servers + 1)}}))
+
+    def _history(self, server: str) -> None:
+        """One DONE backup a day, ten WAL segments archived after each."""
+        meta, wals = self.home / server / "meta", self.home / server / "wals"
+        meta.mkdir(parents=True)
+        wals.mkdir()
+        first = datetime(2026, 11, 30, 1, tzinfo=timezone.utc) - timedelta(days=self.backups)
+        xlog = []
+
+        def segment(n: int) -> str:
+            return f"00000001{n // 256:08X}{n % 256:08X}"
+
+        for i in range(self.backups):
+            begin = first + timedelta(days=i)
+            backup_id = begin.strftime("%Y%m%dT%H%M%S")
+            (meta / f"{backup_id}-backup.info").write_text(
+                f"backup_id={backup_id}\nstatus=DONE\nmode=postgres\nserver_name={server}\n"
+                f"begin_time={begin:%Y-%m-%d %H:%M:%S}.000000+00:00\n"
+                f"end_time={begin + timedelta(minutes=20):%Y-%m-%d %H:%M:%S}.000000+00:00\n"
+                f"begin_wal={segment(10 * i)}\nend_wal={segment(10 * i)}\ntimeline=1\nversion=150018\n"
+                f"size={30_000_000 + i}\nxlog_segment_size=16777216\n"
+                "copy_stats={'copy_time': 12.5, 'total_time': 13.0}\n")
+            for w in range(10):
+                archived = begin + timedelta(minutes=5 + 140 * w)
+                xlog.append(f"{segment(10 * i + w)} 16777216 {archived.timestamp()} None")
+        (wals / f"{server}-xlog.db").write_text("\n".join(xlog) + "\n")
+
+    def start_running_operation(self) -> str:
+        """A recovery of m1 that runs for as long as the benchmark: its worker is a sleep. Its path."""
+        sys.path.insert(0, str(ROOT))
+        from pg_backup_api import processes
+
+        jobs = self.home / "m1" / "jobs"
+        self.sleeper = subprocess.Popen(["sleep", "3600"], stdin=subprocess.DEVNULL, start_new_session=True)
+        job = {"backup_id": "latest", "destination_directory": "/srv/restore/following",
+               "remote_ssh_command": "ssh postgres@db2.example.org", "resolved_backup_id": "20261129T010000",
+               "operation_type": "recovery", "start_time": datetime.now(timezone.utc).isoformat()}
+        (jobs / f"{self.running}.json").write_text(json.dumps(job))
+        (jobs / ".workers" / f"{self.running}.out").write_text("Starting remote restore for server m1\n")
+        (jobs / ".workers" / f"{self.running}.worker").write_text(
+            json.dumps(processes.identity(self.sleeper.pid).to_json()))
+        return f"/servers/m1/operations/{self.running}/output?follow=1"
+
+    def stop(self) -> None:
+        if self.sleeper is not None and self.sleeper.poll() is None:
+            self.sleeper.kill()
+            self.sleeper.wait()
 
 
 # -- the service under test ----------------------------------------------------------------
@@ -393,6 +496,53 @@ def latency_result(latencies: List[float], seconds: float, **counts: int) -> Res
     return Result(len(latencies), seconds, pct(50), pct(99), ordered[-1] * 1000, **counts)
 
 
+def open_streams(base: str, path: str, count: int, attempts: int = 200) -> "tuple[List[socket.socket], int]":
+    """*count* open event streams of *path* (their headers read, the sockets kept) and how many 429s it took.
+
+    gunicorn's workers take connections as they come, so one worker may refuse (429) while the other
+    has room: a refused stream is asked for again.
+    """
+    host, port = base.split("//")[1].split(":")
+    streams: List[socket.socket] = []
+    refused = 0
+    for _ in range(attempts):
+        if len(streams) == count:
+            return streams, refused
+        sock = socket.create_connection((host, int(port)), timeout=10)
+        sock.sendall(f"GET {path} HTTP/1.1\r\nHost: {host}\r\nAccept: text/event-stream\r\n\r\n".encode())
+        head = b""
+        while b"\r\n\r\n" not in head:
+            chunk = sock.recv(4096)
+            if not chunk:
+                break
+            head += chunk
+        status = head.split(b" ", 2)[1] if head.count(b" ") >= 2 else b"?"
+        if status == b"200":
+            streams.append(sock)
+        else:
+            sock.close()
+            if status != b"429":
+                raise SystemExit(f"bench: following {path} answered {head[:200]!r}")
+            refused += 1
+            time.sleep(0.05)
+    for sock in streams:
+        sock.close()
+    raise SystemExit(f"bench: could not open {count} streams of {path} in {attempts} attempts")
+
+
+def stream_alive(sock: socket.socket) -> bool:
+    """The server has not closed this stream (what it sent meanwhile is read and dropped)."""
+    sock.setblocking(False)
+    try:
+        while True:
+            if not sock.recv(65536):
+                return False
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
+
+
 # -- the report ----------------------------------------------------------------------------
 
 @dataclass
@@ -555,6 +705,63 @@ class Bench:
                              Target("<= 1 us per op", lambda r: per_op_us <= 1.0),
                              values={"p50": f"{per_op_us:.2f} us/op"}))
 
+    def metrics(self) -> None:
+        """GET /metrics on 5 servers' catalogues and 10,000 operations: a worker's first scrape, then
+        scrapes in a row; and /status while 20 clients follow a running operation's output."""
+        plan = self.plan
+        fixture = ScrapeFixture(self.fixture.root / "scrape", plan.scrape_servers, plan.scrape_backups,
+                                plan.scrape_operations)
+        what = f"{plan.scrape_servers} x {plan.scrape_backups} backups, {plan.scrape_operations:,} ops"
+        try:
+            firsts = []
+            for _ in range(plan.cold_starts):
+                service = Gunicorn(fixture, workers=1)
+                try:
+                    started = time.perf_counter()
+                    status = http_request(service.url, "GET", "/metrics", timeout=300)[0]
+                    firsts.append((time.perf_counter() - started) * 1000)
+                    if status != 200:
+                        raise SystemExit(f"bench: GET /metrics answered {status}")
+                finally:
+                    service.stop()
+            first = statistics.median(firsts)
+            self.say(f"first scrape: {', '.join(f'{t:.0f}' for t in firsts)} ms")
+            self.rows.append(Row("first GET /metrics of a new worker", what, "1", None, "",
+                                 Target("<= 1 s", lambda r: first <= 1000),
+                                 values={"p50": f"{first:,.0f}"},
+                                 note=f"first scrape after each of {len(firsts)} starts of gunicorn (ms): "
+                                      + ", ".join(f"{t:,.0f}" for t in firsts)))
+            service = Gunicorn(fixture)
+            try:
+                for _ in range(4):  # every worker past its first scrape
+                    http_request(service.url, "GET", "/metrics", timeout=300)
+                self.rows.append(Row("GET /metrics", what, "1", self.measure(Load("metrics", ["/metrics"])), "",
+                                     Target("p50 <= 50 ms", lambda r: r.result.p50_ms <= 50)))
+            finally:
+                service.stop()
+            path = fixture.start_running_operation()
+            service = Gunicorn(fixture, packaged=True)
+            try:
+                streams, refused = open_streams(service.url, path, 20)
+                try:
+                    result = self.measure(Load("status, 20 streams open", ["/status"]))
+                    still_open = sum(stream_alive(s) for s in streams)
+                finally:
+                    for sock in streams:
+                        sock.close()
+                    # The operation ends (its worker gone): the streams end at once instead of at gunicorn's
+                    # graceful timeout, which would wait for them.
+                    fixture.stop()
+                self.rows.append(Row("GET /status, 20 output streams open", "-", "1", result, "",
+                                     Target("p99 <= 50 ms", lambda r: r.result.p99_ms <= 50 and still_open == 20),
+                                     note=f"gunicorn as packaging/gunicorn.conf.py says (2 workers x 16 threads, "
+                                          f"at most 12 streams each): 20 streams of a running recovery opened "
+                                          f"({refused} 429s retried), {still_open} still open after the run"))
+            finally:
+                service.stop()
+        finally:
+            fixture.stop()
+
     def _rows_by_size(self, scenario: str) -> List[tuple]:
         return [(int(r.ops.replace(",", "")), r) for r in self.rows if r.scenario == scenario]
 
@@ -711,7 +918,7 @@ class Bench:
 
 
 SCENARIOS = {"status": "status_endpoint", "operation": "operation_status", "list": "operations_list",
-             "post": "posts", "recovery": "recovery_overhead", "soak": "soak", "rss": "memory"}
+             "post": "posts", "recovery": "recovery_overhead", "soak": "soak", "rss": "memory", "metrics": "metrics"}
 
 
 def scenario_names(text: str) -> List[str]:

@@ -3,7 +3,7 @@
     gunicorn -c /etc/pg-backup-api/gunicorn.conf.py pg_backup_api.app:application
 
 Overridable from the environment (/etc/default/pg-backup-api under systemd):
-PG_BACKUP_API_BIND (127.0.0.1:7480), PG_BACKUP_API_WORKERS (2), PG_BACKUP_API_LOG_DIR
+PG_BACKUP_API_BIND (127.0.0.1:7480), PG_BACKUP_API_WORKERS (2), PG_BACKUP_API_THREADS (16), PG_BACKUP_API_LOG_DIR
 (/var/log/barman), PG_BACKUP_API_LOG_LEVEL (INFO, shared with the application).
 """
 
@@ -43,7 +43,10 @@ workers = _positive_int("PG_BACKUP_API_WORKERS", 2)
 # Threads: a slow request (GET /diagnose runs `barman diagnose`, several seconds) does not hold
 # up /status or a client polling its operation.
 worker_class = "gthread"
-threads = 4
+# An output stream (GET .../output?follow=1) holds a thread while its operation runs: the service
+# serves at most `max_streams` (12) per worker and answers 429 beyond, so 4 threads stay free for
+# every other request. Raise both together.
+threads = _positive_int("PG_BACKUP_API_THREADS", 16)
 # With gthread this is how long a worker may go without showing it is alive; the requests
 # themselves are bounded by the application (barman diagnose: 120 s) and by Apache's timeout.
 timeout = 120

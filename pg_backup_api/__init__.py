@@ -24,7 +24,7 @@ def create_app(settings: Optional["Settings"] = None, spawn: Optional["Spawn"] =
     # this package too, and each recovery would pay for Flask's import otherwise.
     from flask import Flask
 
-    from pg_backup_api import barman_adapter
+    from pg_backup_api import barman_adapter, observe
     from pg_backup_api.api import bp, register_error_handlers
     from pg_backup_api.errors import ApiError
     from pg_backup_api.runner import spawn_worker
@@ -46,6 +46,7 @@ def create_app(settings: Optional["Settings"] = None, spawn: Optional["Spawn"] =
     # Werkzeug answers a path with `//` (or an encoded `/` next to one) with a text/html 308 to
     # the merged path: the one answer that would not be JSON. Such a path is then a JSON 404.
     app.url_map.merge_slashes = False
+    observe.install(app, service)
     app.register_blueprint(bp)
     # No automatic OPTIONS: its empty text/html answer would be the one response that is not JSON
     # (browsers' CORS is not for this API); OPTIONS is then a JSON 405 like any other method.

@@ -20,7 +20,8 @@ bp = Blueprint("api", __name__)
 
 # Set by the reverse proxy from the client certificate it verified; trusted only from trusted_proxies.
 CLIENT_CERT_HEADER = "X-Client-Cert-Subject"
-OPEN_ENDPOINTS = ("api.status",)
+# The web page's shell and its script hold no data: each view asks for its content with the token.
+OPEN_ENDPOINTS = ("api.status", "api.ui_shell", "api.ui_static")
 # Endpoints that need more than the method's scope: diagnose shows every server's full configuration.
 ENDPOINT_SCOPES = {"api.diagnose": "admin"}
 
@@ -177,6 +178,10 @@ def get_operation(server_name: Optional[str], operation_id: str) -> Response:
 @bp.get("/servers/<server_name>/operations/<operation_id>/output")
 @bp.get("/operations/<operation_id>/output", defaults={"server_name": None})
 def operation_output(server_name: Optional[str], operation_id: str) -> Response:
+    if request.args:
+        from pg_backup_api import observe
+
+        return observe.output_response(_service(), server_name, operation_id, request.args.to_dict())
     text = _service().operation_output(server_name, operation_id)
     return Response(text, mimetype="text/plain")
 

@@ -467,3 +467,114 @@ def describe_config_changes_queue(config: BarmanConfig) -> str:
 
 def snapshot_config_changes_queue(config: BarmanConfig) -> barman_config.QueueSnapshot:
     return barman_config.QueueSnapshot.take(config.config)
+
+
+# -- the catalogue as numbers, for /metrics and the web page -------------------------------------
+
+@dataclass(frozen=True)
+class CatalogueBackup:
+    """One backup of the catalogue, in plain numbers (times are epoch seconds)."""
+
+    backup_id: str
+    name: Optional[str]
+    status: str
+    begin: Optional[float]
+    end: Optional[float]
+    size: int
+    wal_size: int  # the WAL archived from this backup's start until the next backup's end, as list-backups says
+    copy_time: float
+
+
+@dataclass(frozen=True)
+class Catalogue:
+    """What a server's catalogue says: backups oldest first (every status), the last archived WAL."""
+
+    backups: Tuple[CatalogueBackup, ...]
+    last_wal_time: Optional[float]
+    last_backup_maximum_age: Optional[float]  # seconds, Barman's `last_backup_maximum_age`
+
+
+def _xlogdb_path(server_config: Any) -> str:
+    directory = getattr(server_config, "xlogdb_directory", None) or server_config.wals_directory
+    return os.path.join(directory, f"{server_config.name}-xlog.db")
+
+
+def catalogue_key(server_config: Any) -> Tuple[Any, ...]:
+    """What changes whenever the catalogue does: the meta folder's entries and stats, the legacy
+    base folder's listing and the WAL catalogue (xlog.db); a few stat calls, no parsing."""
+    entries: List[Tuple[str, int, int]] = []
+    meta = os.path.join(server_config.backup_directory, "meta")
+    for directory in (meta, server_config.basebackups_directory):
+        try:
+            with os.scandir(directory) as found:
+                for entry in found:
+                    st = entry.stat()
+                    entries.append((entry.path, st.st_mtime_ns, st.st_size))
+        except OSError:
+            entries.append((directory, -1, -1))
+    try:
+        st = os.stat(_xlogdb_path(server_config))
+        entries.append(("xlog.db", st.st_mtime_ns, st.st_size))
+    except OSError:
+        entries.append(("xlog.db", -1, -1))
+    return tuple(sorted(entries))
+
+
+def _epoch(moment: Optional[datetime]) -> Optional[float]:
+    if moment is None:
+        return None
+    return (moment if moment.tzinfo else moment.astimezone()).timestamp()
+
+
+def _wal_lines(path: str) -> List[Tuple[str, int, float]]:
+    """(name, size, archival time) of every WAL segment in xlog.db, sorted by name."""
+    from barman import xlog
+
+    found = []
+    try:
+        with open(path) as f:
+            for line in f:
+                parts = line.split()
+                if len(parts) < 3 or not xlog.is_wal_file(parts[0]):
+                    continue
+                try:
+                    found.append((parts[0], int(parts[1]), float(parts[2])))
+                except ValueError:
+                    continue
+    except OSError:
+        return []
+    found.sort()
+    return found
+
+
+def read_catalogue(server_config: Any) -> Catalogue:
+    """The catalogue of one server, read once: backup.info files and one pass over xlog.db."""
+    import bisect
+
+    from barman import xlog
+
+    infos = _server(server_config).get_available_backups(status_filter=BackupInfo.STATUS_ALL)
+    wals = _wal_lines(_xlogdb_path(server_config))
+    names = [w[0] for w in wals]
+    ordered = [infos[i] for i in sorted(infos)]
+    copy_done = [b for b in ordered if b.status in RECOVERABLE]
+    backups = []
+    for info in ordered:
+        wal_size = 0
+        if info.status in RECOVERABLE and info.begin_wal:
+            # Barman's rule (get_wal_until_next_backup): from this backup's first WAL to the next
+            # finished backup's last, on this backup's timeline or an older one.
+            later = [b for b in copy_done if b.backup_id > info.backup_id]
+            next_end = later[0].end_wal if later else None
+            tli = xlog.decode_segment_name(info.begin_wal)[0]
+            start = bisect.bisect_left(names, info.begin_wal)
+            stop = bisect.bisect_right(names, next_end) if next_end else len(names)
+            wal_size = sum(size for name, size, _ in wals[start:stop]
+                           if xlog.decode_segment_name(name)[0] <= tli)
+        copy_stats = getattr(info, "copy_stats", None) or {}
+        backups.append(CatalogueBackup(
+            info.backup_id, getattr(info, "backup_name", None), info.status, _epoch(info.begin_time),
+            _epoch(info.end_time), int(info.size or 0), wal_size, float(copy_stats.get("copy_time") or 0)))
+    max_age = getattr(server_config, "last_backup_maximum_age", None)
+    return Catalogue(tuple(backups), max(w[2] for w in wals) if wals else None,
+                     max_age.total_seconds() if max_age is not None else None)

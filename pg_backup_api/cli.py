@@ -88,6 +88,12 @@ def _doctor(args: argparse.Namespace, settings: Settings) -> int:
     return 1 if failed else 0
 
 
+def _refresh_checks(args: argparse.Namespace, settings: Settings) -> int:
+    from pg_backup_api.metrics import refresh_checks
+
+    return refresh_checks(settings.barman_conf, settings.check_timeout)
+
+
 def _token(args: argparse.Namespace, settings: Settings) -> int:
     from pg_backup_api.auth import TokenFile
 
@@ -156,6 +162,9 @@ def build_parser() -> argparse.ArgumentParser:
             worker.add_argument("--server-name", required=True)
         worker.add_argument("--operation-id", required=True)
         worker.set_defaults(func=_worker, operation_type=op_type)
+
+    refresh = commands.add_parser("refresh-checks", help="worker: run `barman check all` for /metrics")
+    refresh.set_defaults(func=_refresh_checks)
 
     from pg_backup_api.client import add_client_commands
 

@@ -201,13 +201,64 @@ def _follow_hint(args: argparse.Namespace, op_id: str) -> str:
 # -- waiting -----------------------------------------------------------------------------
 
 
+STREAM_READ_TIMEOUT = 60.0  # the service sends a keepalive every 15 s
+
+
+def follow_stream(api: Api, path: str, progress: Progress, started: float) -> Optional[Dict[str, Any]]:
+    """Follow `.../output?follow=1` until its final status event; None when the stream is not
+    available (an older service, a proxy that refuses it, 429) or breaks: the caller polls then."""
+    import requests
+
+    from pg_backup_api.operations import PHASE_MARKERS
+
+    try:
+        response = api.session.get(f"{api.url}{path}/output", params={"follow": "1"}, stream=True,
+                                   headers={"Accept": "text/event-stream"}, cert=api.cert, verify=api.verify,
+                                   timeout=(api.timeout, STREAM_READ_TIMEOUT))
+    except (requests.RequestException, OSError):
+        return None
+    with response:
+        if response.status_code != 200 or not response.headers.get("Content-Type", "").startswith(
+                "text/event-stream"):
+            return None
+        phase, name, data = "preparing", "message", []
+        try:
+            for raw in response.iter_lines(decode_unicode=False):
+                line = raw.decode("utf-8", errors="replace")
+                if line.startswith("event: "):
+                    name = line[len("event: "):]
+                elif line.startswith("data: "):
+                    data.append(line[len("data: "):])
+                elif not line and data:
+                    text = "\n".join(data)
+                    if name == "status":
+                        doc = json.loads(text)
+                        return doc if isinstance(doc, dict) else None
+                    phase = next((p for marker, p in PHASE_MARKERS if text.startswith(marker)), phase)
+                    elapsed = time.monotonic() - started
+                    # The output of an operation that ended at once arrives in one burst: show
+                    # progress only from where a poll would have seen the operation running.
+                    if elapsed >= POLL_SECONDS:
+                        progress.update(elapsed, "IN_PROGRESS", phase)
+                    name, data = "message", []
+        except (requests.RequestException, OSError, ValueError):
+            return None
+    return None
+
+
 def wait_for(api: Api, args: argparse.Namespace, op_id: str) -> int:
-    """Poll until the operation ends: 0 when DONE, 1 when FAILED (its output goes to stderr)."""
+    """Follow the operation's event stream (or poll) until it ends: 0 when DONE, 1 when FAILED (its
+    output goes to stderr)."""
     path = _server_path(args.server, "operations", op_id)
     progress = Progress(sys.stdout, sys.stdout.isatty())
     started = time.monotonic()
     outage_since: Optional[float] = None
     try:
+        final = follow_stream(api, path, progress, started)
+        if final is not None and final.get("status") != "IN_PROGRESS":
+            progress.close()
+            elapsed = final.get("duration_s")
+            return _ended(final, op_id, elapsed if isinstance(elapsed, (int, float)) else time.monotonic() - started)
         while True:
             try:
                 doc = api.call("GET", path)

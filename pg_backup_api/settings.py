@@ -7,6 +7,8 @@
     max_body_bytes = 65536
     cancel_grace = 10              ; seconds between SIGTERM and SIGKILL when canceling
     check_timeout = 60             ; seconds a `barman check`, `status` or `diagnose` may take
+    check_interval = 300           ; seconds between background `barman check` runs for /metrics
+    max_streams = 12               ; output streams (?follow=1) one process serves at once, 429 beyond
     trusted_proxies = 127.0.0.1 ::1
     ; `-o` options remote_ssh_command may use beyond the default allowlist (see ssh_command.py)
     ssh_options = StrictHostKeyChecking UserKnownHostsFile
@@ -53,6 +55,8 @@ class Settings:
     log_level: str = "INFO"
     cancel_grace: float = 10.0
     check_timeout: float = 60.0
+    check_interval: float = 300.0  # seconds between two background `barman check` runs for /metrics
+    max_streams: int = 12  # output streams (?follow=1) one process serves at once; keep below gunicorn's threads
     auth: str = "none"
     tokens_file: str = DEFAULT_TOKENS_FILE
     audit_log: Optional[str] = None  # None: <barman_home>/pg-backup-api-audit.log
@@ -78,8 +82,8 @@ class Settings:
         path = env.get("PG_BACKUP_API_CONFIG")
         if path or os.path.exists(DEFAULT_CONFIG):
             values, servers = _read_file(path or DEFAULT_CONFIG)
-        for key in ("barman_conf", "port", "log_level", "cancel_grace", "check_timeout", "auth", "tokens_file",
-                    "audit_log", "max_body_bytes", "ssh_options"):
+        for key in ("barman_conf", "port", "log_level", "cancel_grace", "check_timeout", "check_interval",
+                    "max_streams", "auth", "tokens_file", "audit_log", "max_body_bytes", "ssh_options"):
             if f"PG_BACKUP_API_{key.upper()}" in env:
                 values[key] = env[f"PG_BACKUP_API_{key.upper()}"]
         return cls(
@@ -88,6 +92,8 @@ class Settings:
             log_level=values.get("log_level", "INFO").upper(),
             cancel_grace=_seconds(values, "cancel_grace", 10.0),
             check_timeout=_seconds(values, "check_timeout", 60.0),
+            check_interval=_seconds(values, "check_interval", 300.0, low=10, high=86400),
+            max_streams=_integer(values, "max_streams", 12, 1, 1000),
             auth=_choice(values, "auth", AUTH_MODES),
             tokens_file=values.get("tokens_file") or DEFAULT_TOKENS_FILE,
             audit_log=values.get("audit_log") or None,
@@ -129,7 +135,7 @@ def _integer(values: Mapping[str, str], key: str, default: int, low: int, high: 
     return int(raw)
 
 
-def _seconds(values: Mapping[str, str], key: str, default: float) -> float:
+def _seconds(values: Mapping[str, str], key: str, default: float, low: float = 0, high: float = 3600) -> float:
     raw = values.get(key)
     if raw is None:
         return default
@@ -137,8 +143,8 @@ def _seconds(values: Mapping[str, str], key: str, default: float) -> float:
         value = float(raw)
     except ValueError:
         raise ValueError(f"{key} must be a number of seconds, not {raw!r}") from None
-    if not 0 <= value <= 3600:
-        raise ValueError(f"{key} must be between 0 and 3600 seconds")
+    if not low <= value <= high:
+        raise ValueError(f"{key} must be between {low:g} and {high:g} seconds")
     return value
 
 

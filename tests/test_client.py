@@ -428,3 +428,38 @@ def test_the_command_line_does_not_import_requests_for_the_worker_commands():
     code = "import sys, pg_backup_api.cli as c; c.build_parser(); print('requests' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
                           check=True).stdout == "False\n"
+
+
+def recorded_gets(app, seen):
+    def wsgi(environ, start_response):
+        if environ["REQUEST_METHOD"] == "GET":
+            seen.append(environ["PATH_INFO"] + ("?" + environ["QUERY_STRING"] if environ["QUERY_STRING"] else ""))
+        return app(environ, start_response)
+    return wsgi
+
+
+def test_wait_follows_the_event_stream_instead_of_polling(serve, capsys):
+    seen = []
+    spawn = FinishingSpawn(phases=["Starting remote restore for server pg", "Copying the base backup."], step=0.4)
+    url = serve(spawn=spawn, wrap=lambda app: recorded_gets(app, seen))
+    assert main([*RECOVER, "--url", url, "--destination", "/srv/pg/restore", "--wait"]) == 0
+    assert len(seen) == 1 and seen[0].endswith("/output?follow=1")
+    lines = capsys.readouterr().out.splitlines()
+    assert [line[8:] for line in lines[1:3]] == ["IN_PROGRESS preparing", "IN_PROGRESS copying base backup"]
+
+
+def test_wait_polls_when_the_stream_is_refused(serve, capsys):
+    seen = []
+
+    def no_stream(app):
+        def wsgi(environ, start_response):
+            if "follow=" in environ.get("QUERY_STRING", ""):
+                start_response("404 Not Found", [("Content-Type", "application/json")])
+                return [b'{"error": "no such endpoint"}']
+            return recorded_gets(app, seen)(environ, start_response)
+        return wsgi
+
+    url = serve(spawn=FinishingSpawn(), wrap=no_stream)
+    assert main([*RECOVER, "--url", url, "--destination", "/srv/pg/restore", "--wait"]) == 0
+    assert seen and all("/output" not in path for path in seen)
+    assert " DONE operation " in capsys.readouterr().out

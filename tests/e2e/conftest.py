@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import shlex
+import shutil
 import signal
 import socket
 import subprocess
@@ -15,13 +16,15 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Iterator, Optional
+from typing import Any, Dict, Iterator, List, Optional
 
 import pytest
 import requests
 
 ROOT = Path(__file__).resolve().parents[2]
 SANDBOX = ROOT / "scripts" / "sandbox"
+VHOST = ROOT / "apache" / "pg-backup-api.conf"
+ERROR_DOCS = ROOT / "apache" / "errors"
 VENV = Path(os.environ.get("PGBA_VENV", "/opt/pg-backup-api/venv"))
 IN_CI = os.environ.get("CI", "").lower() == "true"
 
@@ -177,3 +180,187 @@ def service(sandbox: Sandbox) -> Iterator[Service]:
     svc = Service(sandbox).start()
     yield svc
     svc.stop()
+
+
+# ------------------------------------------------------------------------------------------------
+# processes, Apache and certificates (shared by the deployment and the page's tests)
+# ------------------------------------------------------------------------------------------------
+
+def need(*programs: str) -> None:
+    for program in programs:
+        if shutil.which(program) is None:
+            unavailable(f"{program} is not installed")
+
+
+def alive(pid: int) -> bool:
+    """Running, not a zombie waiting for init to reap it (/proc still lists zombies)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def children(pid: int) -> List[int]:
+    try:
+        return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+
+
+class Apache:
+    """A second apache2 instance in its own APACHE_CONFDIR; /etc/apache2 stays untouched."""
+
+    def __init__(self, root: Path) -> None:
+        need("apache2ctl", "a2enmod", "a2ensite")
+        if not Path("/etc/apache2/apache2.conf").exists():
+            unavailable("Debian's apache2 is not installed")
+        self.root = root
+        self.confdir = root / "apache2"
+        self.log_dir = root / "apache2-log"
+        self.env = {**os.environ, "APACHE_CONFDIR": str(self.confdir)}
+        shutil.copytree("/etc/apache2", self.confdir, symlinks=True)
+        for d in ("run", "lock"):
+            (self.confdir / d).mkdir(exist_ok=True)
+        self.log_dir.mkdir()
+        (self.confdir / "envvars").write_text(
+            "unset HOME\nexport APACHE_RUN_USER=www-data APACHE_RUN_GROUP=www-data\n"
+            f"export APACHE_PID_FILE={self.confdir}/run/apache2.pid APACHE_RUN_DIR={self.confdir}/run\n"
+            f"export APACHE_LOCK_DIR={self.confdir}/lock APACHE_LOG_DIR={self.log_dir} LANG=C\n")
+        (self.confdir / "ports.conf").write_text("")
+        (self.confdir / "conf-available" / "test-servername.conf").write_text("ServerName localhost\n")
+        self.run("a2enmod", "ssl", "proxy", "proxy_http", "headers")
+        self.run("a2enconf", "test-servername")
+        self.run("a2dissite", "000-default")
+
+    def run(self, *argv: str) -> str:
+        done = subprocess.run(argv, env=self.env, capture_output=True, text=True, stdin=subprocess.DEVNULL)
+        assert done.returncode == 0, f"{' '.join(argv)}: {done.stdout}{done.stderr}"
+        return done.stdout + done.stderr
+
+    def site(self, name: str, text: str, https_port: Optional[int] = None) -> None:
+        (self.confdir / "sites-available" / f"{name}.conf").write_text(text)
+        if https_port:  # the shipped vhost relies on Debian's "Listen 443" in ports.conf
+            with open(self.confdir / "ports.conf", "a") as ports:
+                ports.write(f"Listen 127.0.0.1:{https_port} https\n")
+        self.run("a2ensite", name)
+
+    def error_documents(self) -> Path:
+        """The shipped JSON error bodies, where www-data can read them."""
+        errors = self.root / "apache-errors"
+        if not errors.exists():
+            shutil.copytree(ERROR_DOCS, errors)
+            for path in [errors, *errors.iterdir()]:
+                path.chmod(0o755 if path.is_dir() else 0o644)
+        return errors
+
+    def https_site(self, name: str, port: int, backend: int, tls: Dict[str, Any]) -> str:
+        """The shipped HTTPS vhost (client certificates required) on *port* in front of *backend*; its URL."""
+        self.site(name, render(VHOST, {
+            "<VirtualHost *:443>": f"<VirtualHost 127.0.0.1:{port}>",
+            "/etc/apache2/pg-backup-api/server.crt": tls["server_crt"],
+            "/etc/apache2/pg-backup-api/server.key": tls["server_key"],
+            "/etc/apache2/pg-backup-api/client-ca.crt": tls["client_ca"],
+            "http://127.0.0.1:7480/": f"http://127.0.0.1:{backend}/",
+            "/usr/share/pg-backup-api/apache-errors": str(self.error_documents()),
+        }), https_port=port)
+        return f"https://127.0.0.1:{port}"
+
+    def start(self, ports: List[int]) -> None:
+        assert "Syntax OK" in self.run("apache2ctl", "configtest")
+        self.run("apache2ctl", "start")
+        for port in ports:
+            wait_for(lambda port=port: listening(port), timeout=10, what=f"apache2 listens on {port}")
+
+    def stop(self) -> None:
+        pidfile = self.confdir / "run" / "apache2.pid"
+        pid = int(pidfile.read_text()) if pidfile.exists() else 0
+        subprocess.run(["apache2ctl", "stop"], env=self.env, capture_output=True, stdin=subprocess.DEVNULL)
+        if pid:
+            wait_for(lambda: not alive(pid), timeout=30, what="apache2 stops")
+
+
+def listening(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+        return True
+    except OSError:
+        return False
+
+
+def render(template: Path, replacements: Dict[str, str]) -> str:
+    """The shipped file with this machine's ports and paths: every value replaced must be there."""
+    text = template.read_text()
+    for old, new in replacements.items():
+        assert old in text, f"{template.name} no longer contains {old!r}: update this test"
+        text = text.replace(old, new)
+    return text
+
+
+def openssl(*args: str) -> None:
+    done = subprocess.run(["openssl", *args], capture_output=True, text=True, stdin=subprocess.DEVNULL)
+    assert done.returncode == 0, done.stderr
+
+
+def make_certificates(d: Path) -> Dict[str, Any]:
+    """A server certificate for 127.0.0.1, a client CA with a client, and a client of a CA Apache does not trust."""
+    need("openssl")
+    d.mkdir()
+    ext = d / "ext.cnf"
+    ext.write_text("[server]\nbasicConstraints=CA:FALSE\nkeyUsage=digitalSignature,keyEncipherment\n"
+                   "extendedKeyUsage=serverAuth\nsubjectAltName=IP:127.0.0.1,DNS:localhost\n"
+                   "subjectKeyIdentifier=hash\nauthorityKeyIdentifier=keyid\n"
+                   "[client]\nbasicConstraints=CA:FALSE\nkeyUsage=digitalSignature\nextendedKeyUsage=clientAuth\n"
+                   "subjectKeyIdentifier=hash\nauthorityKeyIdentifier=keyid\n")
+
+    def ca(name: str, subject: str) -> None:
+        openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", subject,
+                "-keyout", str(d / f"{name}.key"), "-out", str(d / f"{name}.crt"))
+
+    def leaf(name: str, subject: str, issuer: str, kind: str) -> None:
+        openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", subject,
+                "-keyout", str(d / f"{name}.key"), "-out", str(d / f"{name}.csr"))
+        openssl("x509", "-req", "-in", str(d / f"{name}.csr"), "-CA", str(d / f"{issuer}.crt"),
+                "-CAkey", str(d / f"{issuer}.key"), "-CAcreateserial", "-days", "2",
+                "-extfile", str(ext), "-extensions", kind, "-out", str(d / f"{name}.crt"))
+
+    ca("server-ca", "/CN=pg-backup-api test server CA")
+    ca("client-ca", "/CN=pg-backup-api test client CA")
+    ca("other-ca", "/CN=pg-backup-api test unknown CA")
+    leaf("server", "/CN=localhost", "server-ca", "server")
+    leaf("patroni", "/O=pg-backup-api tests/CN=patroni", "client-ca", "client")
+    leaf("stranger", "/O=pg-backup-api tests/CN=patroni", "other-ca", "client")
+    return {"verify": str(d / "server-ca.crt"), "client_ca": str(d / "client-ca.crt"),
+            "server_crt": str(d / "server.crt"), "server_key": str(d / "server.key"),
+            "patroni": (str(d / "patroni.crt"), str(d / "patroni.key")),
+            "stranger": (str(d / "stranger.crt"), str(d / "stranger.key"))}
+
+
+@dataclass
+class Front:
+    """The shipped HTTPS vhost in front of the session's service; requests' cert and verify for a client."""
+
+    url: str
+    tls: Dict[str, Any]
+
+    @property
+    def auth(self) -> Dict[str, Any]:
+        return {"cert": self.tls["patroni"], "verify": self.tls["verify"]}
+
+
+@pytest.fixture(scope="session")
+def apache_front(service: Service) -> Iterator[Front]:
+    """Apache with apache/pg-backup-api.conf (client certificates required) proxying to `service`."""
+    work = Path(tempfile.mkdtemp(prefix="pgba-front-"))
+    work.chmod(0o755)  # www-data reads the error bodies from here
+    try:
+        tls = make_certificates(work / "tls")
+        server = Apache(work)
+        port = free_port()
+        url = server.https_site("front", port, service.port, tls)
+        server.start([port])
+        try:
+            yield Front(url, tls)
+        finally:
+            server.stop()
+    finally:
+        shutil.rmtree(work, ignore_errors=True)

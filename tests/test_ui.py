@@ -1,0 +1,60 @@
+"""The read-only page: relative links only, views as fragments, the token never in a URL."""
+
+import re
+
+from pg_backup_api import create_app, metrics
+from pg_backup_api.auth import TokenFile
+from pg_backup_api.settings import Settings
+
+
+def no_refresh(monkeypatch):
+    monkeypatch.setattr(metrics, "spawn_refresh", lambda conf: None)
+
+
+def test_every_link_and_script_of_the_page_is_relative(client, barman_files, monkeypatch):
+    no_refresh(monkeypatch)
+    barman_files.add_backup("20261127T010000")
+    pages = [client.get(path).data.decode() for path in ("/ui/", "/ui/view", "/ui/view?server=pg",
+                                                          "/ui/static/ui.js")]
+    for page in pages[:3]:
+        for link in re.findall(r'(?:href|src)="([^"]*)"', page):
+            assert not link.startswith(("/", "http:", "https:", "//")), link
+    assert re.findall(r"https?://", pages[3]) == []  # no host name: it works behind any proxy
+    assert "sessionStorage" in pages[3] and "Authorization" in pages[3]
+
+
+def test_the_servers_view_shows_the_state_and_a_stale_backup_in_red(client, barman_files, monkeypatch):
+    no_refresh(monkeypatch)
+    barman_files.add_backup("20261127T010000")  # long ago: older than 24 h
+    view = client.get("/ui/view").data.decode()
+    assert 'href="?server=pg"' in view
+    assert "stale bad" in view
+
+
+def test_the_server_view_draws_the_backups_and_the_window(client, barman_files, monkeypatch):
+    no_refresh(monkeypatch)
+    barman_files.add_backup("20261127T010000")
+    barman_files.add_backup("20261126T010000", status="FAILED")
+    view = client.get("/ui/view?server=pg").data.decode()
+    assert 'class="window"' in view
+    assert view.count('class="backup ') == 2
+    assert "2026-11-27 01:00:00 UTC" in view
+
+
+def test_an_unknown_server_or_operation_is_a_json_404(client, monkeypatch):
+    no_refresh(monkeypatch)
+    assert client.get("/ui/view?server=nope").status_code == 404
+    assert client.get("/ui/view?server=pg&operation=20990101T000000").status_code == 404
+    assert client.get("/ui/static/../api.py").status_code == 404
+    assert client.get("/ui/view?token=x").status_code == 400
+
+
+def test_with_tokens_the_frame_is_open_and_every_view_needs_read(barman_files, tmp_path, monkeypatch):
+    no_refresh(monkeypatch)
+    secret = TokenFile(str(tmp_path / "t.json")).create("viewer", "read")
+    client = create_app(Settings(barman_conf=str(barman_files.conf), auth="token",
+                                 tokens_file=str(tmp_path / "t.json"))).test_client()
+    assert client.get("/ui/").status_code == 200
+    assert client.get("/ui/static/ui.js").status_code == 200
+    assert client.get("/ui/view").status_code == 401
+    assert client.get("/ui/view", headers={"Authorization": f"Bearer {secret}"}).status_code == 200
