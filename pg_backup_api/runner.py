@@ -11,7 +11,7 @@ import traceback
 from types import FrameType
 from typing import Any, Dict, List, Optional, Tuple
 
-from pg_backup_api import barman_adapter, processes
+from pg_backup_api import barman_adapter, processes, ssh_master
 from pg_backup_api.errors import ApiError
 from pg_backup_api.operations import RECOVERY_OPTIONS, OperationType, State, now_utc, timestamp
 from pg_backup_api.store import OperationStore
@@ -135,11 +135,17 @@ def run_operation(op_type: OperationType, barman_conf: str, server: Optional[str
             root = root / server
         store = OperationStore(root, server)
         job = store.get(op_id).job
-        argv = _argv(op_type, barman_conf, server or "", job)
         worker = Worker(store, server, op_id)
         if op_type is OperationType.CONFIG_UPDATE:
             queue = barman_adapter.snapshot_config_changes_queue(config)
-        exit_code, output = worker.run(argv)
+        # --- ssh multiplexing (ssh_master.py): Barman's ssh rides on one master connection of the
+        # worker's for as long as Barman runs; the job file keeps the client's command.
+        with ssh_master.multiplexed(op_type, job, config.barman_home, server, op_id,
+                                    store.progress_path(op_id)) as ssh:
+            argv = _argv(op_type, barman_conf, server or "", ssh.job)
+            exit_code, output = worker.run(argv)
+            output = ssh.note + output
+        # --- end of ssh multiplexing
     except ApiError as exc:
         output = f"pg-backup-api: {exc.message}\n"
     except Exception:  # the end must be recorded whatever went wrong

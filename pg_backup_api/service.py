@@ -21,7 +21,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional
 
-from pg_backup_api import auth, barman_adapter, effects, processes, runner, ssh_command
+from pg_backup_api import auth, barman_adapter, effects, processes, runner, ssh_command, ssh_master
 from pg_backup_api.errors import ApiError, Conflict, InvalidRequest, NoSuchModel, Unprocessable
 from pg_backup_api.ids import is_valid_id, sort_key
 from pg_backup_api.operations import (
@@ -102,6 +102,8 @@ class Service:
         log.warning("operation %s is lost: %s", record.op_id, reason)
         runner.finish(store, record.op_id, record.job, None, store.read_progress(record.op_id),
                       State.LOST, reason)
+        # An ssh master killed with its worker (SIGKILL) leaves its socket behind.
+        ssh_master.sweep(self.config_source.get().barman_home)
         return store.get(record.op_id)
 
     def reconcile_all(self) -> None:
@@ -111,6 +113,7 @@ class Service:
             store = self._store(server)
             for op_id in store.unfinished():
                 self._reconciled(store, store.get(op_id))
+        ssh_master.sweep(config.barman_home)
 
     def list_operations(self, server: Optional[str], query: Optional[Mapping[str, Any]] = None
                         ) -> Dict[str, Any]:
