@@ -140,8 +140,7 @@ def run_operation(op_type: OperationType, barman_conf: str, server: Optional[str
             queue = barman_adapter.snapshot_config_changes_queue(config)
         # --- ssh multiplexing (ssh_master.py): Barman's ssh rides on one master connection of the
         # worker's for as long as Barman runs; the job file keeps the client's command.
-        with ssh_master.multiplexed(op_type, job, config.barman_home, server, op_id,
-                                    store.progress_path(op_id)) as ssh:
+        with ssh_master.multiplexed(op_type, job, config.barman_home, server, op_id, store) as ssh:
             argv = _argv(op_type, barman_conf, server or "", ssh.job)
             exit_code, output = worker.run(argv)
             output = ssh.note + output

@@ -248,14 +248,21 @@ def enabled() -> bool:
 
 @contextmanager
 def multiplexed(op_type: str, job: Dict[str, Any], barman_home: Path, server: Optional[str], op_id: str,
-                progress: Optional[Path] = None, on: Optional[bool] = None) -> Iterator[Plan]:
+                store: Any = None, on: Optional[bool] = None) -> Iterator[Plan]:
     """For the duration of the block, the job Barman runs with (its ssh multiplexed when possible).
 
-    The plan's note is also appended to *progress*, so a status read while Barman runs shows it.
+    With the operation's *store*: the worker is recorded before the master starts, so that a cancel
+    meanwhile stops the master with the rest of the group; nothing starts once a cancel is
+    requested; and the plan's note goes to the progress file, so a status read while Barman runs shows it.
     """
+    if store is not None:
+        store.record_worker(op_id, processes.identity().to_json())
+        if store.cancel_requested(op_id):
+            yield Plan(job, "")
+            return
     with _plan(op_type, job, barman_home, server, op_id, on) as plan:
-        if plan.note and progress is not None:
-            with open(progress, "ab") as f:
+        if plan.note and store is not None:
+            with open(store.progress_path(op_id), "ab") as f:
                 f.write(plan.note.encode())
         yield plan
 

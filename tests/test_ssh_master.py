@@ -146,12 +146,9 @@ def test_an_operation_without_ssh_runs_unchanged_without_a_note(tmp_path):
 
 def test_with_multiplexing_off_barman_gets_the_clients_command_and_the_output_says_so(tmp_path):
     job = {"remote_ssh_command": CLIENT}
-    progress = tmp_path / "progress"
-    with ssh_master.multiplexed(OperationType.RECOVERY, job, tmp_path, "pg", "20261127T093201",
-                                progress, on=False) as plan:
+    with ssh_master.multiplexed(OperationType.RECOVERY, job, tmp_path, "pg", "20261127T093201", on=False) as plan:
         assert plan.job == job
-        assert "ssh multiplexing is off" in plan.note
-    assert progress.read_text() == plan.note
+        assert plan.note.startswith("pg-backup-api: ssh multiplexing is off (ssh_multiplex = off)")
     assert not ssh_master.socket_dir(tmp_path).exists()
 
 
@@ -198,8 +195,8 @@ def recovery(client, barman_files, tmp_path, monkeypatch):
     return response.json["operation_id"]
 
 
-def run(barman_files, op_id):
-    assert runner.run_operation(OperationType.RECOVERY, str(barman_files.conf), "pg", op_id) == 0
+def run(barman_files, op_id, exit_status=0):
+    assert runner.run_operation(OperationType.RECOVERY, str(barman_files.conf), "pg", op_id) == exit_status
     return json.loads((barman_files.home / "pg" / "output" / f"{op_id}.json").read_text())
 
 
@@ -227,3 +224,27 @@ def test_the_worker_follows_the_setting(recovery, barman_files, monkeypatch):
     output = run(barman_files, recovery)
     assert f"ARG --remote-ssh-command={REFUSED}" in output["output"]
     assert output["output"].startswith("pg-backup-api: ssh multiplexing is off")
+
+
+def test_the_worker_is_recorded_and_the_path_shown_before_barman_starts(recovery, barman_files, monkeypatch):
+    store = runner.OperationStore(barman_files.home / "pg", "pg")
+    seen = {}
+
+    def start(self, timeout=0):
+        seen["worker"] = store.read_worker(recovery)  # a cancel now finds the group to stop
+        return "stand-in reason"
+    monkeypatch.setattr(ssh_master.Master, "start", start)
+    with ssh_master.multiplexed(OperationType.RECOVERY, store.get(recovery).job, barman_files.home, "pg",
+                                recovery, store) as plan:
+        assert store.read_progress(recovery) == plan.note
+    assert seen["worker"]["pid"] == os.getpid()
+    assert "stand-in reason" in plan.note
+
+
+def test_no_master_starts_once_a_cancel_is_requested(recovery, barman_files, monkeypatch):
+    store = runner.OperationStore(barman_files.home / "pg", "pg")
+    store.request_cancel(recovery, {"requested_at": "now"})
+    monkeypatch.setattr(ssh_master.Master, "start", lambda self, timeout=0: pytest.fail("a master started"))
+    output = run(barman_files, recovery, exit_status=1)
+    assert output["state"] == "canceled"
+    assert output["output"] == "pg-backup-api: canceled before barman started\n"
