@@ -23,6 +23,7 @@ import ctypes
 import hashlib
 import logging
 import os
+import random
 import re
 import signal
 import socket
@@ -51,6 +52,10 @@ START_TIMEOUT = 30.0  # seconds the master may take to connect and carry a first
 STOP_TIMEOUT = 5.0
 POLL = 0.01
 PR_SET_PDEATHSIG = 1
+# A master that sshd drops before the key exchange (MaxStartups, or a restart) is retried after
+# about these many seconds; a refused port or a failed authentication is not.
+RETRY_DELAYS = (0.5, 1.0, 2.0, 4.0)
+RETRYABLE = re.compile(r"kex_exchange_identification|Connection reset by peer|Connection closed by remote host")
 # The job field that holds each operation type's ssh command: the operations that go over ssh.
 SSH_FIELDS = {"recovery": "remote_ssh_command"}
 
@@ -155,6 +160,8 @@ class Master:
         self.env = env
         self.proc: Optional[subprocess.Popen] = None
         self.stderr: Any = None
+        self.retries: List[str] = []
+        self.timeout = START_TIMEOUT
 
     def start(self, timeout: float = START_TIMEOUT) -> Optional[str]:
         """Start the master and wait until it carries a session; None then, else why it is not used."""
@@ -168,6 +175,35 @@ class Master:
                 self.sock.unlink()  # this operation's own name: a leftover of nothing alive
         except OSError as exc:
             return f"cannot use {self.sock.parent}: {exc.strerror or exc}"
+        self.timeout = timeout
+        deadline = time.monotonic() + timeout
+        for delay in (*RETRY_DELAYS, None):
+            why = self._connect(deadline)
+            if why is None:
+                break
+            if delay is None or not RETRYABLE.search(why) or time.monotonic() + delay > deadline:
+                return why
+            # sshd drops connections beyond MaxStartups during the key exchange: a burst of
+            # recoveries to one host gets through when each comes back a little later.
+            pause = delay * random.uniform(0.5, 1.5)
+            self.retries.append(f"{why} (retried after {pause:.1f} s)")
+            log.info("ssh master %s: %s; retrying in %.1f s", self.sock, why, pause)
+            time.sleep(pause)
+        for what, argv in (("ssh -O check", check_argv(self.command, self.sock)),
+                           ("a session through it", probe_argv(self.command, self.sock))):
+            try:
+                done = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                                      env=self.env, timeout=max(1.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                return f"{what} did not answer within {self.timeout:.0f} s"
+            if done.returncode != 0:
+                detail = " ".join(done.stderr.split())[:300] or f"exit code {done.returncode}"
+                return f"the master connection is up but {what} failed: {detail}"
+        return None
+
+    def _connect(self, deadline: float) -> Optional[str]:
+        """One attempt: the master runs and its socket exists (None), or why not."""
+        self.stop()
         self.stderr = tempfile.TemporaryFile()
         parent = os.getpid()
 
@@ -182,23 +218,12 @@ class Master:
                                          preexec_fn=child_setup)
         except OSError as exc:
             return f"cannot run {self.command.argv[0]}: {exc.strerror or exc}"
-        deadline = time.monotonic() + timeout
         while not self.sock.exists():
             if self.proc.poll() is not None:
                 return f"the master connection exited with code {self.proc.returncode}: {self._errors()}"
             if time.monotonic() > deadline:
-                return f"the master connection was not up within {timeout:.0f} s"
+                return f"the master connection was not up within {self.timeout:.0f} s"
             time.sleep(POLL)
-        for what, argv in (("ssh -O check", check_argv(self.command, self.sock)),
-                           ("a session through it", probe_argv(self.command, self.sock))):
-            try:
-                done = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True,
-                                      env=self.env, timeout=max(1.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                return f"{what} did not answer within {timeout:.0f} s"
-            if done.returncode != 0:
-                detail = " ".join(done.stderr.split())[:300] or f"exit code {done.returncode}"
-                return f"the master connection is up but {what} failed: {detail}"
         return None
 
     def _errors(self) -> str:
@@ -291,12 +316,14 @@ def _plan(op_type: str, job: Dict[str, Any], barman_home: Path, server: Optional
         why = master.start()
         if why is None:
             log.info("operation %s: ssh master up in %.2f s on %s", op_id, time.monotonic() - started, sock)
+            retried = "".join(f"pg-backup-api: ssh master: {r}\n" for r in master.retries)
             yield Plan({**job, field: mux_command(command, sock)},
-                       f"pg-backup-api: ssh multiplexed: one master connection to {command.host} carries "
-                       f"every ssh and rsync of barman (up in {time.monotonic() - started:.2f} s)\n")
+                       f"{retried}pg-backup-api: ssh multiplexed: one master connection to {command.host} "
+                       f"carries every ssh and rsync of barman (up in {time.monotonic() - started:.2f} s)\n")
         else:
             master.stop()
             log.warning("operation %s: ssh not multiplexed: %s", op_id, why)
-            yield Plan(job, f"pg-backup-api: ssh not multiplexed ({why}): barman runs {field} as sent\n")
+            retried = "".join(f"pg-backup-api: ssh master: {r}\n" for r in master.retries)
+            yield Plan(job, f"{retried}pg-backup-api: ssh not multiplexed ({why}): barman runs {field} as sent\n")
     finally:
         master.stop()

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
 import shutil
 import socket
 import stat
 import tempfile
+import threading
 from pathlib import Path
 
 import pytest
@@ -160,6 +162,53 @@ def test_a_master_that_cannot_connect_falls_back_to_the_plain_command_and_says_w
         assert "Connection refused" in plan.note
         assert "barman runs remote_ssh_command as sent" in plan.note
     assert list(ssh_master.socket_dir(short_tmp).iterdir()) == []
+
+
+class ClosingServer:
+    """A TCP listener on loopback that closes every connection at once, as sshd past MaxStartups does."""
+
+    def __init__(self):
+        self.listener = socket.socket()
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(16)
+        self.port = self.listener.getsockname()[1]
+        self.accepted = 0
+        threading.Thread(target=self.serve, daemon=True).start()
+
+    def serve(self):
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            self.accepted += 1
+            conn.close()
+
+
+def test_a_master_dropped_during_the_key_exchange_is_retried_then_falls_back(short_tmp, monkeypatch):
+    monkeypatch.setattr(ssh_master, "RETRY_DELAYS", (0.01, 0.02))
+    server = ClosingServer()
+    job = {"remote_ssh_command": f"ssh -p {server.port} -o ConnectTimeout=5 postgres@127.0.0.1"}
+    try:
+        with ssh_master.multiplexed(OperationType.RECOVERY, job, short_tmp, "pg", "20261127T093201",
+                                    on=True) as plan:
+            assert plan.job == job
+    finally:
+        server.listener.close()
+    assert server.accepted == 3
+    lines = plan.note.splitlines()
+    assert len(lines) == 3
+    assert all(re.match(r"pg-backup-api: ssh master: the master connection exited with code 255: "
+                        r"kex_exchange_identification: .* \(retried after \d+\.\d s\)$", line) for line in lines[:2])
+    assert lines[2].startswith("pg-backup-api: ssh not multiplexed (the master connection exited with code 255")
+
+
+def test_a_refused_port_is_not_retried(short_tmp, monkeypatch):
+    monkeypatch.setattr(ssh_master, "RETRY_DELAYS", (0.01, 0.02))
+    with ssh_master.multiplexed(OperationType.RECOVERY, {"remote_ssh_command": REFUSED}, short_tmp, "pg",
+                                "20261127T093201", on=True) as plan:
+        assert "retried" not in plan.note
+        assert plan.note.count("\n") == 1
 
 
 def test_the_setting_is_on_by_default_and_takes_on_or_off(tmp_path):
