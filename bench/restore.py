@@ -400,7 +400,7 @@ class RestoreBench:
             if variant == MUX and link.name == "loopback":
                 target = f"<= {TARGET_RATIO} x by hand, 1 connection"
                 met = ratio <= TARGET_RATIO and statistics.median(m.connections) == 1
-                verdict = "met" if met else "MISSED"
+                verdict = "(quick)" if self.runs == 1 and not self.with_latency else "met" if met else "MISSED"
                 self.targets_met &= met
             self.rows.append(f"| {variant} | {link.name} | {len(m.seconds)} | {m.median:.2f} | "
                              f"{min(m.seconds):.2f}-{max(m.seconds):.2f} | "

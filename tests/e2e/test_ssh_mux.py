@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -203,3 +205,21 @@ def test_a_master_that_cannot_start_falls_back_to_the_plain_command(sandbox, ser
     assert "barman runs remote_ssh_command as sent" in status["output"]
     assert restored_rows(sandbox, destination) == sandbox["ROWS_CHECK"]
     assert masters() == []
+
+
+def test_thirty_recoveries_posted_at_once_to_one_sshd_all_recover(sandbox, service):
+    """sshd's default MaxStartups (10:30:100) drops a burst of connections; without multiplexing
+    such a burst ends with most recoveries FAILED ('Unable to connect to the target host')."""
+    server = sandbox["BARMAN_SERVER"]
+    destinations = [sandbox.restore_dir(f"e2e-mux-burst-{i}") for i in range(30)]
+    with ThreadPoolExecutor(len(destinations)) as pool:
+        ids = list(pool.map(lambda d: post_recovery(service, sandbox, d), destinations))
+    try:
+        ended = [service.wait_until_ended(server, op_id, timeout=600) for op_id in ids]
+        failed = [s["output"][-500:] for s in ended if s["status"] != "DONE"]
+        assert failed == []
+        # Each used one connection, some after a retry: the output says which.
+        assert all("ssh multiplexed" in s["output"] for s in ended)
+    finally:
+        for destination in destinations:
+            shutil.rmtree(destination, ignore_errors=True)
