@@ -942,7 +942,18 @@ def main(argv: Optional[List[str]] = None) -> int:
                         help="run gunicorn with packaging/gunicorn.conf.py (as deployed) instead of 2 sync workers")
     parser.add_argument("--serve", action="store_true",
                         help="only build the histories and start gunicorn, then wait (for profiling)")
+    parser.add_argument("--restore", action="store_true",
+                        help="instead: a real recovery by hand, through the service and with ssh_multiplex off, "
+                             "on loopback and over 20 ms (root; builds scripts/sandbox); with --quick one run each, "
+                             "loopback only")
+    parser.add_argument("--runs", type=int, default=3, help="--restore: alternating runs of each way (default 3)")
     args = parser.parse_args(argv)
+    if args.restore:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        import restore
+
+        return restore.main(1 if args.quick else max(1, args.runs), with_latency=not args.quick,
+                            strict=args.strict and not args.quick)
     # A SIGTERM (a CI timeout, Ctrl-C of --serve) still stops gunicorn and removes the folder.
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     plan = Plan.make(args.quick)

@@ -11,7 +11,7 @@ import traceback
 from types import FrameType
 from typing import Any, Dict, List, Optional, Tuple
 
-from pg_backup_api import barman_adapter, processes
+from pg_backup_api import barman_adapter, processes, ssh_master
 from pg_backup_api.errors import ApiError
 from pg_backup_api.operations import RECOVERY_OPTIONS, OperationType, State, now_utc, timestamp
 from pg_backup_api.store import OperationStore
@@ -61,6 +61,11 @@ class Worker:
         self.marker = operation_marker(server, op_id)
         self.child: Optional[subprocess.Popen] = None
         self.signalled: Optional[int] = None
+        # Installed before the worker records itself (here or in ssh_master, whichever is first):
+        # from then on a cancel may signal it, and a signal must never be lost, whether barman
+        # or the ssh master has started or not.
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(signum, self._on_signal)
 
     def _on_signal(self, signum: int, frame: Optional[FrameType]) -> None:
         # A cancel signals the whole process group; a plain `kill PID` reaches only this
@@ -70,10 +75,6 @@ class Worker:
             self.child.send_signal(signum)
 
     def run(self, argv: List[str]) -> Tuple[Optional[int], str]:
-        # Installed before the worker records itself: from then on a cancel may signal it, and a
-        # signal must never be lost, whether barman has started or not.
-        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-            signal.signal(signum, self._on_signal)
         self.store.record_worker(self.op_id, processes.identity().to_json())
         # Starting barman is decided under the operation's lock, which the service's "lost" and
         # "cancel" verdicts take too: whichever comes second sees the first.
@@ -160,11 +161,16 @@ def run_operation(op_type: OperationType, barman_conf: str, server: Optional[str
             root = root / server
         store = OperationStore(root, server)
         job = store.get(op_id).job
-        argv = _argv(op_type, barman_conf, server or "", job)
         worker = Worker(store, server, op_id)
         if op_type is OperationType.CONFIG_UPDATE:
             queue = barman_adapter.snapshot_config_changes_queue(config)
-        exit_code, output = worker.run(argv)
+        # --- ssh multiplexing (ssh_master.py): Barman's ssh rides on one master connection of the
+        # worker's for as long as Barman runs; the job file keeps the client's command.
+        with ssh_master.multiplexed(op_type, job, config.barman_home, server, op_id, store) as ssh:
+            argv = _argv(op_type, barman_conf, server or "", ssh.job)
+            exit_code, output = worker.run(argv)
+            output = ssh.note + output
+        # --- end of ssh multiplexing
     except ApiError as exc:
         output = f"pg-backup-api: {exc.message}\n"
     except Exception:  # the end must be recorded whatever went wrong

@@ -19,7 +19,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional
 
-from pg_backup_api import auth, barman_adapter, effects, processes, runner, ssh_command
+from pg_backup_api import auth, barman_adapter, effects, processes, runner, ssh_command, ssh_master
 from pg_backup_api.errors import (
     ApiError,
     CancelFailed,
@@ -122,6 +122,8 @@ class Service:
                 log.warning("operation %s is %s: %s", record.op_id, state.value, reason)
                 runner.finish(store, record.op_id, record.job, None, store.read_progress(record.op_id),
                               state, reason)
+            # An ssh master killed with its worker (SIGKILL) leaves its socket behind.
+            ssh_master.sweep(self.config_source.get().barman_home)
         except CorruptState as exc:
             log.error("operation %s is corrupt: %s", record.op_id, exc.message)
             return replace(record, problem=corrupt(exc))
@@ -169,6 +171,7 @@ class Service:
                 continue
             for op_id in unfinished:
                 errors += self._reconcile_one(store, op_id)
+        ssh_master.sweep(config.barman_home)
         self.reconcile_errors += errors
         if errors:
             log.error("%d server(s) or operation(s) could not be reconciled at start-up (see above)", errors)

@@ -12,6 +12,7 @@
     trusted_proxies = 127.0.0.1 ::1
     ; `-o` options remote_ssh_command may use beyond the default allowlist (see ssh_command.py)
     ssh_options = StrictHostKeyChecking UserKnownHostsFile
+    ssh_multiplex = on             ; off: Barman opens its own ssh connections (see ssh_master.py)
 
     [server pg]                    ; optional, narrows what a recovery of server `pg` may target
     allowed_hosts = db2.example.org 10.0.0.5
@@ -63,6 +64,7 @@ class Settings:
     max_body_bytes: int = 64 * 1024
     trusted_proxies: Tuple[str, ...] = ("127.0.0.1", "::1")
     ssh_options: Tuple[str, ...] = ()
+    ssh_multiplex: bool = True
     servers: Dict[str, ServerPolicy] = field(default_factory=dict)
 
     def policy(self, server: str) -> ServerPolicy:
@@ -83,7 +85,8 @@ class Settings:
         if path or os.path.exists(DEFAULT_CONFIG):
             values, servers = _read_file(path or DEFAULT_CONFIG)
         for key in ("barman_conf", "port", "log_level", "cancel_grace", "check_timeout", "check_interval",
-                    "max_streams", "auth", "tokens_file", "audit_log", "max_body_bytes", "ssh_options"):
+                    "max_streams", "auth", "tokens_file", "audit_log", "max_body_bytes", "ssh_options",
+                    "ssh_multiplex"):
             if f"PG_BACKUP_API_{key.upper()}" in env:
                 values[key] = env[f"PG_BACKUP_API_{key.upper()}"]
         return cls(
@@ -100,6 +103,7 @@ class Settings:
             max_body_bytes=_integer(values, "max_body_bytes", 64 * 1024, 1024, 16 * 1024 * 1024),
             trusted_proxies=tuple(values.get("trusted_proxies", "127.0.0.1 ::1").replace(",", " ").split()),
             ssh_options=ssh_command.option_names(values.get("ssh_options", ""), "[api] or PG_BACKUP_API_SSH_OPTIONS"),
+            ssh_multiplex=_switch(values, "ssh_multiplex", True),
             servers=servers,
         )
 
@@ -145,6 +149,20 @@ def _seconds(values: Mapping[str, str], key: str, default: float, low: float = 0
         raise ValueError(f"{key} must be a number of seconds, not {raw!r}") from None
     if not low <= value <= high:
         raise ValueError(f"{key} must be between {low:g} and {high:g} seconds")
+    return value
+
+
+SWITCH_VALUES = {"on": True, "yes": True, "true": True, "1": True, "off": False, "no": False, "false": False,
+                 "0": False}
+
+
+def _switch(values: Mapping[str, str], key: str, default: bool) -> bool:
+    raw = values.get(key)
+    if raw is None:
+        return default
+    value = SWITCH_VALUES.get(raw.strip().lower())
+    if value is None:
+        raise ValueError(f"{key} must be on or off, not {raw!r}")
     return value
 
 

@@ -1,0 +1,225 @@
+"""ssh multiplexing on the real stack: one connection per recovery, nothing left behind, a fallback that recovers."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from pg_backup_api import processes, ssh_master
+
+from .conftest import free_port, wait_for
+
+pytestmark = pytest.mark.e2e
+
+# Slow enough (KB/s) that a cancel or a kill lands while rsync copies the ~60 MB cluster.
+SLOW = 3000
+
+
+def post_recovery(service, sandbox, destination, ssh_command=None, **options):
+    body = {"type": "recovery", "backup_id": "latest", "destination_directory": destination,
+            "remote_ssh_command": ssh_command or sandbox["SSH_COMMAND"], **options}
+    response = service.post(f"/servers/{sandbox['BARMAN_SERVER']}/operations", json=body)
+    assert response.status_code == 202, response.text
+    return response.json()["operation_id"]
+
+
+def worker_pid(sandbox, op_id) -> int:
+    path = Path(sandbox["BARMAN_HOME"]) / sandbox["BARMAN_SERVER"] / "jobs" / ".workers" / f"{op_id}.worker"
+    wait_for(path.exists)
+    return json.loads(path.read_text())["pid"]
+
+
+def socket_of(sandbox, op_id) -> Path:
+    return ssh_master.socket_path(Path(sandbox["BARMAN_HOME"]), sandbox["BARMAN_SERVER"], op_id)
+
+
+def masters() -> list:
+    """Pids of every `ssh -M -N` running on the machine (ours carry ControlPath=<.ssh-mux>)."""
+    out = subprocess.run(["pgrep", "-f", f"ssh -M -N -o ControlPath=.*/{ssh_master.MUX_DIR}/"],
+                         capture_output=True, text=True).stdout
+    return [int(p) for p in out.split()]
+
+
+def rsync_running(pgid) -> bool:
+    for pid in processes.group_members(pgid):
+        try:
+            if Path(f"/proc/{pid}/comm").read_text().strip() == "rsync":
+                return True
+        except OSError:
+            pass
+    return False
+
+
+class SshdLog:
+    """Counts the connections sshd accepted on one port (LogLevel VERBOSE logs each)."""
+
+    def __init__(self, path: Path, port: int) -> None:
+        self.path, self.port = path, port
+        self.offset = path.stat().st_size
+
+    def connections(self) -> int:
+        with open(self.path, "rb") as f:
+            f.seek(self.offset)
+            text = f.read().decode("utf-8", "replace")
+        return len(re.findall(rf"Connection from \S+ port \d+ on \S+ port {self.port}\b", text))
+
+
+def restored_rows(sandbox, destination) -> str:
+    with sandbox.copy(destination) as port:
+        return sandbox.psql(port, sandbox["ROWS_QUERY"])
+
+
+def test_a_multiplexed_recovery_restores_the_rows_over_one_ssh_connection(sandbox, service):
+    server = sandbox["BARMAN_SERVER"]
+    destination = sandbox.restore_dir("e2e-mux")
+    sshd = SshdLog(Path(sandbox["LOG_DIR"]) / "sshd.log", int(sandbox["SSH_PORT"]))
+    op_id = post_recovery(service, sandbox, destination)
+    status = service.wait_until_ended(server, op_id)
+    assert status["status"] == "DONE", status.get("output")
+    assert status["output"].startswith("pg-backup-api: ssh multiplexed: one master connection to 127.0.0.1")
+    # The status and the job keep the client's command; only Barman saw the rewritten one.
+    assert status["remote_ssh_command"] == sandbox["SSH_COMMAND"]
+    assert sshd.connections() == 1
+    assert not socket_of(sandbox, op_id).exists()
+    assert masters() == []
+    assert restored_rows(sandbox, destination) == sandbox["ROWS_CHECK"]
+
+
+def test_with_multiplexing_off_barman_opens_its_own_connections(sandbox):
+    from .conftest import Service
+
+    server = sandbox["BARMAN_SERVER"]
+    off = Service(sandbox, {"PG_BACKUP_API_SSH_MULTIPLEX": "off"}).start()
+    try:
+        sshd = SshdLog(Path(sandbox["LOG_DIR"]) / "sshd.log", int(sandbox["SSH_PORT"]))
+        op_id = post_recovery(off, sandbox, sandbox.restore_dir("e2e-mux-off"))
+        status = off.wait_until_ended(server, op_id)
+    finally:
+        off.stop()
+    assert status["status"] == "DONE", status.get("output")
+    assert status["output"].startswith("pg-backup-api: ssh multiplexing is off")
+    assert sshd.connections() > 10
+
+
+def test_cancel_mid_copy_leaves_no_ssh_master_and_no_socket(sandbox, service):
+    server = sandbox["BARMAN_SERVER"]
+    op_id = post_recovery(service, sandbox, sandbox.restore_dir("e2e-mux-cancel"), bwlimit=SLOW)
+    pid = worker_pid(sandbox, op_id)
+    wait_for(lambda: rsync_running(pid), what="rsync copying")
+    assert socket_of(sandbox, op_id).exists()
+    assert len(masters()) == 1
+    response = service.post(f"/servers/{server}/operations/{op_id}/cancel")
+    assert (response.json()["status"], response.json()["state"]) == ("FAILED", "canceled")
+    assert processes.group_members(pid) == []
+    assert masters() == []
+    assert not socket_of(sandbox, op_id).exists()
+
+
+def test_a_master_never_outlives_its_worker(sandbox, service):
+    server = sandbox["BARMAN_SERVER"]
+    op_id = post_recovery(service, sandbox, sandbox.restore_dir("e2e-mux-orphan"), bwlimit=SLOW)
+    pid = worker_pid(sandbox, op_id)
+    wait_for(lambda: rsync_running(pid), what="rsync copying")
+    os.kill(pid, signal.SIGKILL)  # the worker alone: the master learns it from the kernel
+    wait_for(lambda: masters() == [], timeout=10, what="the master gone")
+    assert not socket_of(sandbox, op_id).exists()
+    status = service.get(f"/servers/{server}/operations/{op_id}").json()
+    assert (status["status"], status["state"]) == ("FAILED", "lost")
+    wait_for(lambda: processes.group_members(pid) == [], timeout=30)
+
+
+def test_a_stale_socket_of_a_killed_worker_is_removed_by_the_next_reconciliation(sandbox, service):
+    server = sandbox["BARMAN_SERVER"]
+    op_id = post_recovery(service, sandbox, sandbox.restore_dir("e2e-mux-kill9"), bwlimit=SLOW)
+    pid = worker_pid(sandbox, op_id)
+    wait_for(lambda: rsync_running(pid), what="rsync copying")
+    os.killpg(pid, signal.SIGKILL)  # worker, master, barman and rsync at once: nobody removes the socket
+    wait_for(lambda: processes.group_members(pid) == [], timeout=10)
+    sock = socket_of(sandbox, op_id)
+    assert sock.is_socket()
+    status = service.get(f"/servers/{server}/operations/{op_id}").json()
+    assert (status["status"], status["state"]) == ("FAILED", "lost")
+    assert not sock.exists()
+
+
+@pytest.fixture
+def sshd_max_sessions_1(sandbox):
+    """A second sshd for the same target, with `MaxSessions 1`: ssh's session multiplexing refused."""
+    directory = Path(sandbox["SANDBOX_DIR"]) / "sshd"
+    port = free_port()
+    config = directory / "sshd_config-maxsessions1"
+    base = (directory / "sshd_config").read_text()
+    config.write_text(re.sub(r"(?m)^(Port|PidFile) .*$", "", base)
+                      + f"Port {port}\nPidFile {directory}/sshd-maxsessions1.pid\nMaxSessions 1\n")
+    log = Path(sandbox["LOG_DIR"]) / "sshd-maxsessions1.log"
+    subprocess.run(["/usr/sbin/sshd", "-f", str(config), "-E", str(log)], check=True)
+    pid_file = directory / "sshd-maxsessions1.pid"
+    wait_for(pid_file.exists, timeout=10)
+    known_hosts = Path(sandbox["BARMAN_UNIX_HOME"]) / ".ssh" / "known_hosts"
+    saved = known_hosts.read_text()
+    key = (directory / "ssh_host_ed25519_key.pub").read_text().split()[:2]
+    known_hosts.write_text(saved + f"[127.0.0.1]:{port} {' '.join(key)}\n")
+    try:
+        yield port, log
+    finally:
+        os.kill(int(pid_file.read_text()), signal.SIGTERM)
+        known_hosts.write_text(saved)
+
+
+def test_a_target_whose_sshd_refuses_multiplexing_still_recovers(sandbox, service, sshd_max_sessions_1):
+    port, log = sshd_max_sessions_1
+    server = sandbox["BARMAN_SERVER"]
+    destination = sandbox.restore_dir("e2e-mux-maxsessions1")
+    sshd = SshdLog(log, port)
+    # Two rsync jobs at once: the master carries one session, the other one's ssh connects directly.
+    op_id = post_recovery(service, sandbox, destination, f"ssh -p {port} postgres@127.0.0.1", jobs=2)
+    status = service.wait_until_ended(server, op_id)
+    assert status["status"] == "DONE", status.get("output")
+    assert "ssh multiplexed" in status["output"]
+    assert 1 <= sshd.connections()
+    assert restored_rows(sandbox, destination) == sandbox["ROWS_CHECK"]
+
+
+def test_a_master_that_cannot_start_falls_back_to_the_plain_command(sandbox, service):
+    server = sandbox["BARMAN_SERVER"]
+    mux_dir = ssh_master.socket_dir(Path(sandbox["BARMAN_HOME"]))
+    mux_dir.mkdir(mode=0o700, exist_ok=True)
+    owner = mux_dir.stat()
+    os.chown(mux_dir, 0, 0)  # a directory the service user cannot use
+    try:
+        destination = sandbox.restore_dir("e2e-mux-fallback")
+        op_id = post_recovery(service, sandbox, destination)
+        status = service.wait_until_ended(server, op_id)
+    finally:
+        os.chown(mux_dir, owner.st_uid, owner.st_gid)
+    assert status["status"] == "DONE", status.get("output")
+    assert status["output"].startswith(f"pg-backup-api: ssh not multiplexed (cannot use {mux_dir}: ")
+    assert "barman runs remote_ssh_command as sent" in status["output"]
+    assert restored_rows(sandbox, destination) == sandbox["ROWS_CHECK"]
+    assert masters() == []
+
+
+def test_thirty_recoveries_posted_at_once_to_one_sshd_all_recover(sandbox, service):
+    """sshd's default MaxStartups (10:30:100) drops a burst of connections; without multiplexing
+    such a burst ends with most recoveries FAILED ('Unable to connect to the target host')."""
+    server = sandbox["BARMAN_SERVER"]
+    destinations = [sandbox.restore_dir(f"e2e-mux-burst-{i}") for i in range(30)]
+    with ThreadPoolExecutor(len(destinations)) as pool:
+        ids = list(pool.map(lambda d: post_recovery(service, sandbox, d), destinations))
+    try:
+        ended = [service.wait_until_ended(server, op_id, timeout=600) for op_id in ids]
+        failed = [s["output"][-500:] for s in ended if s["status"] != "DONE"]
+        assert failed == []
+        # Each used one connection, some after a retry: the output says which.
+        assert all("ssh multiplexed" in s["output"] for s in ended)
+    finally:
+        for destination in destinations:
+            shutil.rmtree(destination, ignore_errors=True)
