@@ -15,8 +15,11 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import pwd
 import re
 import subprocess
+import threading
+import time
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, FrozenSet, Iterable, List, Optional, Tuple
 
@@ -248,8 +251,52 @@ def _check_option(value: str, allowed: FrozenSet[str]) -> None:
         rule(canonical, setting)
 
 
+# `ssh -G` answers, reused while the files ssh reads its configuration from are unchanged and for
+# at most RESOLVE_REUSE seconds (a file pulled in with `Include` from elsewhere is not watched:
+# the time bound limits how long such an edit goes unseen). Each answer costs a process, about a
+# third of an accepted POST.
+RESOLVE_REUSE = 60.0
+RESOLVE_CACHE_SIZE = 256
+_resolved: Dict[Tuple[str, ...], Tuple[float, Tuple[Any, ...], "SshTarget"]] = {}
+_resolved_lock = threading.Lock()
+
+
+def _ssh_config_stamp() -> Tuple[Any, ...]:
+    """What identifies the ssh configuration files as they are now: names, mtimes, ctimes and sizes."""
+    try:
+        home = pwd.getpwuid(os.geteuid()).pw_dir  # ssh reads ~/.ssh/config of the passwd home, not $HOME
+    except KeyError:
+        home = os.path.expanduser("~")
+    paths = [os.path.join(home, ".ssh", "config"), "/etc/ssh/ssh_config", "/etc/ssh/ssh_config.d"]
+    try:
+        paths += sorted(e.path for e in os.scandir("/etc/ssh/ssh_config.d"))
+    except OSError:
+        pass
+    stamp = []
+    for path in paths:
+        try:
+            st = os.stat(path)
+            stamp.append((path, st.st_mtime_ns, st.st_ctime_ns, st.st_size))
+        except OSError:
+            stamp.append((path, None))
+    return tuple(stamp)
+
+
 def resolve(command: SshCommand) -> SshTarget:
     """The user, host and port ssh would use, from `ssh -G` with the same arguments (no connection)."""
+    key, now, stamp = tuple(command.argv), time.monotonic(), _ssh_config_stamp()
+    reused = _resolved.get(key)
+    if reused is not None and reused[1] == stamp and now - reused[0] < RESOLVE_REUSE:
+        return reused[2]
+    target = _run_ssh_g(command)
+    with _resolved_lock:
+        if len(_resolved) >= RESOLVE_CACHE_SIZE:
+            _resolved.clear()
+        _resolved[key] = (now, stamp, target)
+    return target
+
+
+def _run_ssh_g(command: SshCommand) -> SshTarget:
     argv = [command.argv[0], "-G", *command.argv[1:]]
     try:
         done = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True,

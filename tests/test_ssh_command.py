@@ -8,7 +8,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pg_backup_api import create_app
+from pg_backup_api import create_app, ssh_command
 from pg_backup_api.errors import InvalidRequest
 from pg_backup_api.settings import ServerPolicy, Settings
 from pg_backup_api.ssh_command import ENABLEABLE, NEVER, SshCommand, check_format, option_names, parse, resolve
@@ -263,6 +263,35 @@ def test_the_user_is_the_one_ssh_uses():
 def test_an_operator_enabled_hostname_is_resolved():
     target = resolve(parse("ssh -o Hostname=db9.example.org pg@db2", {"Hostname"}))
     assert (target.host, target.alias) == ("db9.example.org", "db2")
+
+
+def test_an_answer_of_ssh_is_reused_until_its_configuration_changes_or_it_is_a_minute_old(
+        tmp_path, monkeypatch):
+    runs = []
+    real_run = ssh_command._run_ssh_g
+    monkeypatch.setattr(ssh_command, "_run_ssh_g", lambda command: runs.append(command) or real_run(command))
+    stamp = ["first"]
+    monkeypatch.setattr(ssh_command, "_ssh_config_stamp", lambda: tuple(stamp))
+    clock = [1000.0]
+    monkeypatch.setattr(ssh_command.time, "monotonic", lambda: clock[0])
+    command = parse("ssh -p 2201 postgres@cache-test")
+    first = resolve(command)
+    assert resolve(command) == first and len(runs) == 1
+    stamp[0] = "~/.ssh/config changed"
+    assert resolve(command) == first and len(runs) == 2
+    clock[0] += ssh_command.RESOLVE_REUSE
+    assert resolve(command) == first and len(runs) == 3
+    resolve(parse("ssh -p 2202 postgres@cache-test"))
+    assert len(runs) == 4
+
+
+def test_the_ssh_configuration_stamp_changes_with_the_users_ssh_config(tmp_path, monkeypatch):
+    home = tmp_path / "home"
+    (home / ".ssh").mkdir(parents=True)
+    monkeypatch.setattr(ssh_command.pwd, "getpwuid", lambda uid: type("pw", (), {"pw_dir": str(home)}))
+    before = ssh_command._ssh_config_stamp()
+    (home / ".ssh" / "config").write_text("Host db2\n  HostName db9\n")
+    assert ssh_command._ssh_config_stamp() != before
 
 
 def test_what_ssh_itself_refuses_is_a_400_with_its_message():
