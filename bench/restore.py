@@ -319,7 +319,8 @@ class RestoreBench:
         started = time.monotonic()
         try:
             try:
-                box = stack.up(sandbox, pg_port=free_port(), ssh_port=free_port(), venv=VENV, cron_interval=0)
+                box = stack.up(sandbox, **{**stack.environment_settings(os.environ), "pg_port": free_port(),
+                                            "ssh_port": free_port(), "venv": VENV, "cron_interval": 0})
             except stack.SandboxError as error:
                 raise SystemExit(f"bench: the sandbox did not come up: {error}") from None
             say(f"sandbox up in {time.monotonic() - started:.0f} s")

@@ -95,7 +95,9 @@ def sandbox_up(prefix: str, **settings: Any) -> Sandbox:
     """A new sandbox on free ports in a new temporary directory; the caller calls sandbox_down."""
     directory = Path(tempfile.mkdtemp(prefix=prefix))
     try:
-        env = stack.up(directory, pg_port=free_port(), ssh_port=free_port(), venv=VENV, **settings)
+        # SANDBOX_BARMAN_USER, SANDBOX_SERVER and SANDBOX_CRON_INTERVAL still apply; the ports are free ones.
+        env = stack.up(directory, **{**stack.environment_settings(os.environ), "pg_port": free_port(),
+                                     "ssh_port": free_port(), "venv": VENV, **settings})
     except stack.SandboxError as error:
         sandbox_down(directory)
         pytest.fail(f"the sandbox did not come up: {error}", pytrace=False)

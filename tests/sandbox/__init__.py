@@ -256,6 +256,25 @@ def load_settings(box: Layout, pg_port: Optional[int], ssh_port: Optional[int], 
     return Settings(pg, ssh, user, name, plain_path(chosen, "PGBA_VENV"), int(interval))
 
 
+def environment_settings(environ: Mapping[str, str]) -> Dict[str, object]:
+    """up()'s keyword arguments from SANDBOX_PGPORT, SANDBOX_SSH_PORT, SANDBOX_BARMAN_USER, SANDBOX_SERVER,
+    PGBA_VENV and SANDBOX_CRON_INTERVAL; unset or empty ones are left out."""
+    names = {"SANDBOX_PGPORT": "pg_port", "SANDBOX_SSH_PORT": "ssh_port", "SANDBOX_BARMAN_USER": "barman_user",
+             "SANDBOX_SERVER": "server", "PGBA_VENV": "venv", "SANDBOX_CRON_INTERVAL": "cron_interval"}
+    settings: Dict[str, object] = {}
+    for variable, keyword in names.items():
+        value = environ.get(variable, "")
+        if not value:
+            continue
+        if keyword in ("pg_port", "ssh_port", "cron_interval"):
+            if not value.isdigit():
+                raise SandboxError(f"{variable} must be a number, not '{value}'")
+            settings[keyword] = int(value)
+        else:
+            settings[keyword] = value
+    return settings
+
+
 def require_root() -> None:
     if os.geteuid() != 0:
         raise SandboxError("run as root (it creates users and starts sshd)")

@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import List, Optional
+from typing import List
 
-from . import SandboxError, down, psql, start_copy, stop_copy, up
+from . import SandboxError, down, environment_settings, psql, start_copy, stop_copy, up
 
 
 def usage() -> int:
@@ -24,29 +24,17 @@ def usage() -> int:
     return 2
 
 
-def number(name: str) -> Optional[int]:
-    """An integer from the environment, None when unset; the library refuses a bad one by name."""
-    value = os.environ.get(name, "")
-    if not value:
-        return None
-    if not value.isdigit():
-        raise SandboxError(f"{name} must be a number, not '{value}'")
-    return int(value)
-
-
 def main(argv: List[str]) -> int:
     if not argv:
         return usage()
     command, args = argv[0], argv[1:]
-    env = os.environ
     if command == "up" and len(args) == 1:
-        box = up(args[0], pg_port=number("SANDBOX_PGPORT"), ssh_port=number("SANDBOX_SSH_PORT"),
-           barman_user=env.get("SANDBOX_BARMAN_USER") or None, server=env.get("SANDBOX_SERVER") or None,
-           venv=env.get("PGBA_VENV") or None, cron_interval=number("SANDBOX_CRON_INTERVAL"))
+        box = up(args[0], **environment_settings(os.environ))  # type: ignore[arg-type]
         print(f"{box['SANDBOX_DIR']}/env")
     elif command == "down" and (len(args) == 1 or (len(args) == 2 and args[1] == "--purge")):
-        down(args[0], purge=len(args) == 2, barman_user=env.get("SANDBOX_BARMAN_USER") or None,
-             server=env.get("SANDBOX_SERVER") or None, venv=env.get("PGBA_VENV") or None)
+        # The ports do not matter to down: it finds DIR's processes by DIR.
+        fallback = {k: v for k, v in environment_settings(os.environ).items() if k in ("barman_user", "server", "venv")}
+        down(args[0], purge=len(args) == 2, **fallback)  # type: ignore[arg-type]
     elif command == "psql" and len(args) == 3:
         print(psql(args[0], args[1], args[2]))
     elif command == "start-copy" and len(args) == 3:
