@@ -61,7 +61,7 @@ def test_up_records_its_ports_and_serves_on_them(other):
 
 
 def test_a_second_up_on_the_same_directory_rebuilds_and_duplicates_nothing(other):
-    before, pids = daemons(other), running(other)
+    before, pids = daemons(other), long_lived(other)
     unix_home = Path(other["BARMAN_UNIX_HOME"])
     profile = (unix_home / ".profile").read_text()
 
@@ -69,8 +69,12 @@ def test_a_second_up_on_the_same_directory_rebuilds_and_duplicates_nothing(other
 
     assert again == other.env
     assert daemons(other) == before
-    assert running(other) == pids
+    assert long_lived(other) == pids
     assert before["cron loop"] is not None
+    mine = set(running(other))
+    commands = [cmd for pid, _, cmd in stack.processes() if pid in mine]
+    assert sum("barman-cron-loop" in cmd for cmd in commands) == 1
+    assert sum("pg_receivewal" in cmd for cmd in commands) == 1
     assert (unix_home / ".profile").read_text() == profile
     assert profile.count(stack.BLOCK_BEGIN) == 1
     host = f"[127.0.0.1]:{other['SSH_PORT']} "
