@@ -1084,6 +1084,7 @@ def copy_log(box: Layout, datadir: Path, port: int) -> Path:
 
 def start_copy(directory: PathLike, datadir: PathLike, port: Union[int, str]) -> None:
     """Start the restored cluster in *datadir* on 127.0.0.1:*port*."""
+    _restart_clock()
     require_root()
     box = layout(directory)
     data = plain_path(datadir, "DATADIR")
@@ -1108,6 +1109,7 @@ def start_copy(directory: PathLike, datadir: PathLike, port: Union[int, str]) ->
 
 def stop_copy(directory: PathLike, datadir: PathLike) -> None:
     """Stop the cluster start_copy started in *datadir*."""
+    _restart_clock()
     require_root()
     box = layout(directory)
     data = Path(os.path.realpath(os.path.abspath(os.fspath(datadir))))
