@@ -944,7 +944,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                         help="only build the histories and start gunicorn, then wait (for profiling)")
     parser.add_argument("--restore", action="store_true",
                         help="instead: a real recovery by hand, through the service and with ssh_multiplex off, "
-                             "on loopback and over 20 ms (root; builds scripts/sandbox); with --quick one run each, "
+                             "on loopback and over 20 ms (root; builds tests/sandbox); with --quick one run each, "
                              "loopback only")
     parser.add_argument("--runs", type=int, default=3, help="--restore: alternating runs of each way (default 3)")
     args = parser.parse_args(argv)

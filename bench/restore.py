@@ -2,7 +2,7 @@
 (ssh multiplexed), through the service with `ssh_multiplex = off`; on loopback and over a 20 ms
 round trip. Wall times and the ssh connections sshd accepted for each. See bench/README.md.
 
-Run as root: it builds the project's sandbox (scripts/sandbox: PostgreSQL, Barman, sshd on loopback)
+Run as root: it builds the project's sandbox (tests/sandbox: PostgreSQL, Barman, sshd on loopback)
 in a temporary folder and removes it at the end. The 20 ms link is a network namespace whose
 loopback has `tc netem delay 10ms` (each packet crosses loopback once each way), with a second sshd
 inside it and a relay on 127.0.0.1 into it; where the kernel has no netem, the relay itself holds
@@ -31,7 +31,9 @@ from pathlib import Path
 from typing import Callable, Dict, Iterator, List, Optional
 
 ROOT = Path(__file__).resolve().parents[1]
-SANDBOX = ROOT / "scripts" / "sandbox"
+sys.path.insert(0, str(ROOT))
+from tests import sandbox as stack  # noqa: E402
+
 VENV = Path(sys.executable).parent.parent
 ONE_WAY_DELAY = 0.010  # 20 ms round trip
 CLONE_NEWNET = 0x40000000
@@ -48,15 +50,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def read_env(path: Path) -> Dict[str, str]:
-    env = {}
-    for line in path.read_text().splitlines():
-        match = re.fullmatch(r"export ([A-Z_0-9]+)='([^']*)'", line)
-        if match:
-            env[match.group(1)] = match.group(2)
-    return env
 
 
 def http(port: int, method: str, path: str, body: Optional[dict] = None) -> tuple:
@@ -323,19 +316,19 @@ class RestoreBench:
         if os.geteuid() != 0:
             raise SystemExit("bench: --restore builds the sandbox (users, sshd, PostgreSQL): run it as root")
         sandbox = Path(tempfile.mkdtemp(prefix="pgba-bench-"))
-        env = {**os.environ, "SANDBOX_PGPORT": str(free_port()), "SANDBOX_SSH_PORT": str(free_port()),
-               "PGBA_VENV": str(VENV), "SANDBOX_CRON_INTERVAL": "0"}
         started = time.monotonic()
         try:
-            up = subprocess.run([str(SANDBOX), "up", str(sandbox)], stdin=subprocess.DEVNULL, env=env,
-                                capture_output=True, text=True, timeout=900)
-            if up.returncode != 0:
-                raise SystemExit(f"bench: scripts/sandbox up failed:\n{up.stderr[-3000:]}")
+            try:
+                box = stack.up(sandbox, **{**stack.environment_settings(os.environ), "pg_port": free_port(),
+                                            "ssh_port": free_port(), "venv": VENV, "cron_interval": 0})
+            except stack.SandboxError as error:
+                raise SystemExit(f"bench: the sandbox did not come up: {error}") from None
             say(f"sandbox up in {time.monotonic() - started:.0f} s")
-            self.measure_all(read_env(sandbox / "env"), sandbox)
+            self.measure_all(box, sandbox)
         finally:
-            subprocess.run([str(SANDBOX), "down", str(sandbox), "--purge"], stdin=subprocess.DEVNULL, env=env,
-                           capture_output=True, timeout=300)
+            if (sandbox / ".sandbox").exists():
+                stack.down(sandbox, purge=True)
+            shutil.rmtree(sandbox, ignore_errors=True)
         print(f"recovery: {BY_HAND} / {MUX} / {PLAIN}; medians of {self.runs} alternating runs; "
               f"{time.monotonic() - started:.0f} s in all")
         for line in self.rows:

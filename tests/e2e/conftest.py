@@ -1,4 +1,4 @@
-"""The real stack for end-to-end tests: PostgreSQL, Barman, sshd (scripts/sandbox) and the service.
+"""The real stack for end-to-end tests: PostgreSQL, Barman, sshd (tests/sandbox) and the service.
 
 With CI=true nothing here may skip: a missing component fails the run.
 """
@@ -6,7 +6,6 @@ With CI=true nothing here may skip: a missing component fails the run.
 from __future__ import annotations
 
 import os
-import shlex
 import shutil
 import signal
 import socket
@@ -21,8 +20,9 @@ from typing import Any, Dict, Iterator, List, Optional
 import pytest
 import requests
 
+from tests import sandbox as stack
+
 ROOT = Path(__file__).resolve().parents[2]
-SANDBOX = ROOT / "scripts" / "sandbox"
 VHOST = ROOT / "apache" / "pg-backup-api.conf"
 ERROR_DOCS = ROOT / "apache" / "errors"
 VENV = Path(os.environ.get("PGBA_VENV", "/opt/pg-backup-api/venv"))
@@ -53,13 +53,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def read_env(path: Path) -> Dict[str, str]:
-    env = {}
-    for line in path.read_text().splitlines():
-        if line.startswith("export "):
-            key, _, value = line[len("export "):].partition("=")
-            env[key] = shlex.split(value)[0] if value else ""
-    return env
+read_env = stack.read_env
 
 
 @dataclass
@@ -70,20 +64,19 @@ class Sandbox:
     def __getitem__(self, key: str) -> str:
         return self.env[key]
 
-    def run(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-        return subprocess.run([str(SANDBOX), *args], stdin=subprocess.DEVNULL, capture_output=True,
-                              text=True, check=check, timeout=600)
-
     def psql(self, port: int, sql: str) -> str:
-        return self.run("psql", str(self.directory), str(port), sql).stdout.strip()
+        return stack.psql(self.directory, port, sql).strip()
 
     def start_copy(self, datadir: str) -> int:
         port = free_port()
-        self.run("start-copy", str(self.directory), datadir, str(port))
+        stack.start_copy(self.directory, datadir, port)
         return port
 
     def stop_copy(self, datadir: str) -> None:
-        self.run("stop-copy", str(self.directory), datadir, check=False)
+        try:
+            stack.stop_copy(self.directory, datadir)
+        except stack.SandboxError:
+            pass  # a copy still running is stopped by the session's `down` at the latest
 
     @contextmanager
     def copy(self, datadir: str) -> Iterator[int]:
@@ -98,27 +91,38 @@ class Sandbox:
         return f"{self['RESTORE_PARENT']}/{name}"
 
 
+def sandbox_up(prefix: str, **settings: Any) -> Sandbox:
+    """A new sandbox on free ports in a new temporary directory; the caller calls sandbox_down."""
+    directory = Path(tempfile.mkdtemp(prefix=prefix))
+    try:
+        # SANDBOX_BARMAN_USER, SANDBOX_SERVER and SANDBOX_CRON_INTERVAL still apply; the ports are free ones.
+        env = stack.up(directory, **{**stack.environment_settings(os.environ), "pg_port": free_port(),
+                                     "ssh_port": free_port(), "venv": VENV, **settings})
+    except stack.SandboxError as error:
+        sandbox_down(directory)
+        pytest.fail(f"the sandbox did not come up: {error}", pytrace=False)
+    return Sandbox(directory, env)
+
+
+def sandbox_down(directory: Path) -> None:
+    if (directory / ".sandbox").exists():
+        stack.down(directory, purge=True)
+    else:  # up failed before it recorded anything: nothing runs for it
+        shutil.rmtree(directory, ignore_errors=True)
+
+
 @pytest.fixture(scope="session")
 def sandbox() -> Iterator[Sandbox]:
     if os.geteuid() != 0:
         unavailable("the sandbox creates users and runs services: run the tests as root")
-    for needed in [SANDBOX, VENV / "bin" / "barman", VENV / "bin" / "pg-backup-api"]:
+    for needed in [VENV / "bin" / "barman", VENV / "bin" / "pg-backup-api"]:
         if not needed.exists():
             unavailable(f"{needed} is missing")
-    directory = Path(tempfile.mkdtemp(prefix="pgba-e2e-"))
-    env = {**os.environ, "SANDBOX_PGPORT": str(free_port()), "SANDBOX_SSH_PORT": str(free_port()),
-           "PGBA_VENV": str(VENV)}
-    up = subprocess.run([str(SANDBOX), "up", str(directory)], stdin=subprocess.DEVNULL, env=env,
-                        capture_output=True, text=True, timeout=900)
-    box = Sandbox(directory, {})
+    box = sandbox_up("pgba-e2e-")
     try:
-        if up.returncode != 0:
-            pytest.fail(f"scripts/sandbox up failed:\n{up.stdout}\n{up.stderr}", pytrace=False)
-        box.env = read_env(directory / "env")
         yield box
     finally:
-        subprocess.run([str(SANDBOX), "down", str(directory), "--purge"], stdin=subprocess.DEVNULL,
-                       env=env, capture_output=True, timeout=300)
+        sandbox_down(box.directory)
 
 
 class Service:
