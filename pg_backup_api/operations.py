@@ -7,7 +7,7 @@ from enum import Enum
 from typing import Any, Dict, Optional, Tuple
 
 from pg_backup_api.errors import InvalidRequest
-from pg_backup_api.store import Record
+from pg_backup_api.records import Record
 
 
 class OperationType(str, Enum):
