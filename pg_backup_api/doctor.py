@@ -8,10 +8,11 @@ from pathlib import Path
 from typing import Callable, Iterator, List, Optional, Tuple
 
 from pg_backup_api import barman_adapter, processes, runner
+from pg_backup_api.claims import CLAIMS_DIR
 from pg_backup_api.errors import ApiError, CorruptState
 from pg_backup_api.ids import is_valid_id
 from pg_backup_api.operations import now_utc
-from pg_backup_api.service import CLAIMS_DIR, Service, worker_identity
+from pg_backup_api.service import Service, worker_identity
 from pg_backup_api.store import OperationStore, read_state_file
 
 # Where `doctor --fix` moves unreadable state files, under Barman's home: jobs/quarantine/<server>/.
@@ -37,7 +38,7 @@ def check_barman_configuration(service: Service, fix: bool = False) -> List[Find
 
 
 def check_config_changes_queue(service: Service, fix: bool = False) -> List[Finding]:
-    queue = service.config_changes_queue()
+    queue = service.discovery.config_changes_queue()
     path = queue["path"]
     if queue.get("error"):
         return [Finding("config-changes-queue", False, f"{path} cannot be read: {queue['error']}")]
