@@ -201,7 +201,7 @@ def test_processes_surviving_sigkill_make_cancel_failed_and_keep_the_claim(clien
                                                                           monkeypatch):
     fake_barman.mode("sleep")
     op_id = start(client)
-    wait_for(worker_file(barman_files, op_id).exists)
+    wait_for(fake_barman.starts)  # barman runs: the cancel below must stop it, not prevent its start
     # A process in uninterruptible sleep survives SIGKILL; that cannot be made as any user, so the
     # stop reports what it would: failure.
     monkeypatch.setattr(processes, "stop_group", lambda pgid, marker, grace: False)

@@ -103,10 +103,11 @@ def post_four(client, gated) -> list:
         response = client.post("/servers/pg/operations", json=body)
         assert response.status_code == 202, response.json
         ids.append(response.json["operation_id"])
-        if destination in ("a", "b"):  # arrival order is the order of the operation ids
+        # One at a time, so each place is known (arrival order is the order of the operation ids).
+        if destination in ("a", "b"):
             wait_for(lambda: len(gated.started()) == len(ids))
-    for op_id in ids[2:]:
-        wait_for(lambda op_id=op_id: status(client, op_id)["state"] == "queued")
+        else:
+            wait_for(lambda: status(client, ids[-1])["state"] == "queued")
     return ids
 
 
@@ -194,3 +195,23 @@ def test_the_status_document_says_queued_while_the_worker_waits_and_running_once
     assert (doc["status"], doc["state"], doc["phase"]) == ("IN_PROGRESS", "running", "preparing")
     doc = describe(record, waiting + "pg-backup-api: got a slot on db2 after 3.2 s\nCopying the base backup.\n")
     assert (doc["state"], doc["phase"]) == ("running", "copying base backup")
+
+
+def test_an_unreadable_slot_counts_as_running_and_doctor_lists_and_moves_it(barman_files, capsys, monkeypatch):
+    from pg_backup_api import cli
+
+    monkeypatch.setenv("PG_BACKUP_API_BARMAN_CONF", str(barman_files.conf))
+    settings = barman_files.conf.parent / "pg-backup-api.conf"
+    settings.write_text("[api]\n")
+    monkeypatch.setenv("PG_BACKUP_API_CONFIG", str(settings))
+    home = barman_files.home
+    slots = claims.Claims(lambda: home / "jobs", lambda server, op_id: None)
+    path = slots.slot_path("db2", "pg", "20261127T093201")
+    path.parent.mkdir(parents=True)
+    path.write_text("{")
+    assert slots.take_slot("db2", "pg", "20261127T093202", limit=1) == (1, 1)  # fails closed: it waits
+    assert slots.take_slot("db2", "pg", "20261127T093202", limit=2) is None
+    assert cli.main(["doctor"]) == 1
+    assert f"FAIL state-files: {path} cannot be read" in capsys.readouterr().out
+    assert cli.main(["doctor", "--fix"]) == 0
+    assert not path.exists()
