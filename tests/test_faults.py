@@ -316,6 +316,7 @@ def two_operations(client, fake_barman):
 def test_a_job_file_truncated_to_zero_bytes_is_corrupt_alone_and_holds_its_destination(
         client, fake_barman, barman_files, capsys):
     done, running = two_operations(client, fake_barman)
+    wait_worker_gone(barman_files, done)  # its end is recorded a moment before its worker exits
     job = barman_files.home / "pg" / "jobs" / f"{done}.json"
     job.write_text("")
     listing = client.get("/servers/pg/operations")
