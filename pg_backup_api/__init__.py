@@ -1,71 +1,8 @@
 """pg-backup-api: a REST API that drives Barman."""
 
-from __future__ import annotations
-
-import logging
-from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, Optional
-
-if TYPE_CHECKING:
-    from _typeshed.wsgi import WSGIApplication
-    from flask import Flask
-
-    from pg_backup_api.service import Spawn
-    from pg_backup_api.settings import Settings
-
 __version__ = "0.1.0"
 
+# The application factory lives in factory.py; named here too, as the package's entry point.
+from pg_backup_api.factory import create_app, with_status_shortcut  # noqa: E402
 
-def create_app(settings: Optional["Settings"] = None, spawn: Optional["Spawn"] = None) -> "Flask":
-    """The application factory; *settings* default to the PG_BACKUP_API_* environment.
-
-    *spawn* replaces how workers are started: tests use it to stay in-process.
-    """
-    # Imported here, not at the top: the worker (`python -m pg_backup_api recovery ...`) imports
-    # this package too, and each recovery would pay for Flask's import otherwise.
-    from flask import Flask
-
-    from pg_backup_api import barman_adapter, observe
-    from pg_backup_api.api import bp, register_error_handlers
-    from pg_backup_api.errors import ApiError
-    from pg_backup_api.runner import spawn_worker
-    from pg_backup_api.service import Service
-    from pg_backup_api.settings import Settings
-
-    settings = settings or Settings.from_env()
-    app = Flask(__name__)
-    app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
-    app.json.sort_keys = False
-    service = Service(settings, spawn or spawn_worker)
-    try:
-        service.reconcile_all()
-    except ApiError as exc:
-        # Logged now so a broken configuration shows at start-up; requests answer 503 until fixed.
-        logging.getLogger(__name__).error("%s", exc.message)
-    app.extensions["pg_backup_api"] = service
-    barman_adapter.preload()
-    # Werkzeug answers a path with `//` (or an encoded `/` next to one) with a text/html 308 to
-    # the merged path: the one answer that would not be JSON. Such a path is then a JSON 404.
-    app.url_map.merge_slashes = False
-    observe.install(app, service)
-    app.register_blueprint(bp)
-    # No automatic OPTIONS: its empty text/html answer would be the one response that is not JSON
-    # (browsers' CORS is not for this API); OPTIONS is then a JSON 405 like any other method.
-    for rule in app.url_map.iter_rules():
-        rule.methods.discard("OPTIONS")
-    register_error_handlers(app)
-    return app
-
-
-def with_status_shortcut(app: "Flask") -> "WSGIApplication":
-    """*app* with `GET /status` answered before Flask: monitoring polls it often, and it needs
-    nothing of the application (no token, no audit). The answer is byte for byte Flask's."""
-    body = b'"OK"\n'
-    headers = [("Content-Type", "application/json"), ("Content-Length", str(len(body)))]
-
-    def application(environ: Dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
-        if environ.get("PATH_INFO") == "/status" and environ.get("REQUEST_METHOD") == "GET":
-            start_response("200 OK", headers)
-            return [body]
-        return app(environ, start_response)
-
-    return application
+__all__ = ["__version__", "create_app", "with_status_shortcut"]

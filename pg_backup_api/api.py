@@ -106,33 +106,34 @@ def openapi() -> Response:
 
 @bp.get("/diagnose")
 def diagnose() -> Response:
-    return jsonify(_service().diagnose())
+    return jsonify(_service().discovery.diagnose())
 
 
 @bp.get("/servers")
 def list_servers() -> Response:
     service = _service()
-    return jsonify({"servers": service.list_servers(), "config_changes_queue": service.config_changes_queue()})
+    return jsonify({"servers": service.discovery.list_servers(),
+                    "config_changes_queue": service.discovery.config_changes_queue()})
 
 
 @bp.get("/servers/<server_name>")
 def server_status(server_name: str) -> Response:
-    return jsonify(_service().server_status(server_name))
+    return jsonify(_service().discovery.server_status(server_name))
 
 
 @bp.get("/servers/<server_name>/backups")
 def list_backups(server_name: str) -> Response:
-    return jsonify({"backups": _service().list_backups(server_name)})
+    return jsonify({"backups": _service().discovery.list_backups(server_name)})
 
 
 @bp.get("/servers/<server_name>/backups/<backup_id>")
 def show_backup(server_name: str, backup_id: str) -> Response:
-    return jsonify(_service().show_backup(server_name, backup_id))
+    return jsonify(_service().discovery.show_backup(server_name, backup_id))
 
 
 @bp.get("/servers/<server_name>/check")
 def check_server(server_name: str) -> Response:
-    return jsonify(_service().check_server(server_name))
+    return jsonify(_service().discovery.check_server(server_name))
 
 
 @bp.get("/servers/<server_name>/operations")
@@ -179,9 +180,9 @@ def get_operation(server_name: Optional[str], operation_id: str) -> Response:
 @bp.get("/operations/<operation_id>/output", defaults={"server_name": None})
 def operation_output(server_name: Optional[str], operation_id: str) -> Response:
     if request.args:
-        from pg_backup_api import observe
-
-        return observe.output_response(_service(), server_name, operation_id, request.args.to_dict())
+        # observe.output_response, registered by observe.install (the layer above this one).
+        streamed = current_app.extensions["pg_backup_api.output_response"]
+        return streamed(_service(), server_name, operation_id, request.args.to_dict())
     text = _service().operation_output(server_name, operation_id)
     return Response(text, mimetype="text/plain")
 

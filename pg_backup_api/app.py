@@ -1,6 +1,6 @@
 """The WSGI entry point for gunicorn: `gunicorn pg_backup_api.app:application`."""
 
-from pg_backup_api import create_app, with_status_shortcut
+from pg_backup_api.factory import create_app, with_status_shortcut
 from pg_backup_api.settings import Settings, setup_logging
 
 _settings = Settings.from_env()

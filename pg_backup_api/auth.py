@@ -18,7 +18,7 @@ from typing import Dict, List, Optional, Tuple
 
 from pg_backup_api.errors import ApiError
 from pg_backup_api.operations import now_utc, timestamp
-from pg_backup_api.store import write_json_atomic
+from pg_backup_api.records import write_json_atomic
 
 SCOPES = ("read", "operate", "admin")  # each includes the ones before it
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")

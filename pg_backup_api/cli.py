@@ -14,7 +14,7 @@ from pg_backup_api.settings import DEFAULT_PORT, LOOPBACK, Settings, setup_loggi
 def _serve(args: argparse.Namespace, settings: Settings) -> int:
     from werkzeug.serving import run_simple
 
-    from pg_backup_api import create_app, with_status_shortcut
+    from pg_backup_api.factory import create_app, with_status_shortcut
 
     app = with_status_shortcut(create_app(settings))
     # Loopback only: the service has no authentication of its own, a reverse proxy does that.
@@ -41,10 +41,16 @@ def _status(args: argparse.Namespace, settings: Settings) -> int:
 
 def _worker(args: argparse.Namespace, settings: Settings) -> int:
     from pg_backup_api.operations import OperationType
-    from pg_backup_api.runner import run_operation
+    from pg_backup_api.runner import HostSlots, run_operation
+    from pg_backup_api.service import Service
 
-    return run_operation(OperationType(args.operation_type), settings.barman_conf,
-                         getattr(args, "server_name", None), args.operation_id)
+    op_type = OperationType(args.operation_type)
+    slots = None
+    if op_type is OperationType.RECOVERY:
+        # A slot held by an operation whose worker is gone is freed by the service's reconciliation.
+        slots = HostSlots(Service(settings).claims, settings.max_recoveries_per_host)
+    return run_operation(op_type, settings.barman_conf, getattr(args, "server_name", None), args.operation_id,
+                         slots)
 
 
 DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}

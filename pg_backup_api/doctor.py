@@ -8,10 +8,11 @@ from pathlib import Path
 from typing import Callable, Iterator, List, Optional, Tuple
 
 from pg_backup_api import barman_adapter, processes, runner
+from pg_backup_api.claims import CLAIMS_DIR, HOSTS_DIR, SLOT_SUFFIX
 from pg_backup_api.errors import ApiError, CorruptState
 from pg_backup_api.ids import is_valid_id
 from pg_backup_api.operations import now_utc
-from pg_backup_api.service import CLAIMS_DIR, Service, worker_identity
+from pg_backup_api.service import Service, worker_identity
 from pg_backup_api.store import OperationStore, read_state_file
 
 # Where `doctor --fix` moves unreadable state files, under Barman's home: jobs/quarantine/<server>/.
@@ -37,7 +38,7 @@ def check_barman_configuration(service: Service, fix: bool = False) -> List[Find
 
 
 def check_config_changes_queue(service: Service, fix: bool = False) -> List[Finding]:
-    queue = service.config_changes_queue()
+    queue = service.discovery.config_changes_queue()
     path = queue["path"]
     if queue.get("error"):
         return [Finding("config-changes-queue", False, f"{path} cannot be read: {queue['error']}")]
@@ -97,8 +98,8 @@ def _fixed(home: Path, group: str, path: Path, marker: Optional[str]) -> Tuple[b
 
 
 def check_state_files(service: Service, fix: bool = False) -> List[Finding]:
-    """Job, output, worker identity and claim files that cannot be read: each makes its operation
-    `corrupt` and holds its claim. With *fix*, move them into jobs/quarantine/."""
+    """Job, output, worker identity, claim and slot files that cannot be read: each makes its operation
+    `corrupt` and holds its claim (or its slot). With *fix*, move them into jobs/quarantine/."""
     config = service.config_source.get()
     home = config.barman_home
     findings: List[Finding] = []
@@ -117,14 +118,17 @@ def check_state_files(service: Service, fix: bool = False) -> List[Finding]:
                 message += f"; {done}"
             findings.append(Finding("state-files", ok, message))
     claims = home / "jobs" / CLAIMS_DIR
-    for path in sorted(claims.glob("*.claim")) if claims.is_dir() else []:
+    hosts = home / "jobs" / HOSTS_DIR
+    held = [(path, "the destination it claims stays blocked") for path in sorted(claims.glob("*.claim"))]
+    held += [(path, "it counts as a running recovery on its host") for path in sorted(hosts.glob(f"*/*{SLOT_SUFFIX}"))]
+    for path, blocked in held:
         checked += 1
         try:
             holder = read_state_file(path)
             if holder is not None and not isinstance(holder.get("operation_id"), str):
                 raise CorruptState(str(path), "it names no operation")
         except CorruptState as exc:
-            message = f"{path} cannot be read ({exc.reason}): the destination it claims stays blocked"
+            message = f"{path} cannot be read ({exc.reason}): {blocked}"
             ok = False
             if fix:
                 ok, done = _fixed(home, "claims", path, None)

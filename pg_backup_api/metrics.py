@@ -419,7 +419,7 @@ class Metrics:
                                     "Change sets waiting in Barman's config change queue")
         stuck = GaugeMetricFamily("pgba_config_changes_stuck",
                                   "1 when change sets wait in the queue and no config_update runs to apply them")
-        queue = self.service.config_changes_queue()
+        queue = self.service.discovery.config_changes_queue()
         # An unreadable queue has no count: both gauges are left out rather than reported as 0.
         if queue.get("pending") is not None:
             pending.add_metric([], queue["pending"])

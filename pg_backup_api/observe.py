@@ -25,6 +25,8 @@ def install(app: Flask, service: Any) -> None:
 
     app.extensions["pg_backup_api.metrics"] = Metrics(service)
     app.extensions["pg_backup_api.streams"] = streaming.StreamSlots(service.settings.max_streams)
+    # The API's output route streams through this layer above it, so it finds it here, not by import.
+    app.extensions["pg_backup_api.output_response"] = output_response
 
 
 def _service() -> Any:
@@ -98,7 +100,7 @@ def servers_view(service: Any) -> List[Dict[str, Any]]:
     metrics = current_app.extensions["pg_backup_api.metrics"]
     now = time.time()
     rows = []
-    for summary in service.list_servers():
+    for summary in service.discovery.list_servers():
         catalogue = metrics.catalogues.get(config.server(summary["name"]))
         done = [b for b in catalogue.backups if b.status == "DONE"]
         limit = catalogue.last_backup_maximum_age or DEFAULT_MAX_BACKUP_AGE

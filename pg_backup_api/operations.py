@@ -7,7 +7,7 @@ from enum import Enum
 from typing import Any, Dict, Optional, Tuple
 
 from pg_backup_api.errors import InvalidRequest
-from pg_backup_api.store import Record
+from pg_backup_api.records import Record
 
 
 class OperationType(str, Enum):
@@ -37,12 +37,14 @@ class State(str, Enum):
     CORRUPT = "corrupt"
     # A cancel could not stop every process (they survived SIGKILL): still running, still claimed.
     CANCEL_FAILED = "cancel_failed"
+    # A recovery waiting for a slot on its target host (max_recoveries_per_host): nothing started yet.
+    QUEUED = "queued"
 
 
 STATUS_OF_STATE = {State.RUNNING: Status.IN_PROGRESS, State.SUCCEEDED: Status.DONE,
-                   State.CANCEL_FAILED: Status.IN_PROGRESS}
+                   State.CANCEL_FAILED: Status.IN_PROGRESS, State.QUEUED: Status.IN_PROGRESS}
 # States whose processes may still run: the status shows progress rather than an end.
-LIVE_STATES = (State.RUNNING, State.CANCEL_FAILED)
+LIVE_STATES = (State.RUNNING, State.CANCEL_FAILED, State.QUEUED)
 
 # Lines barman prints as a restore moves on, and the phase each one starts.
 PHASE_MARKERS = (
@@ -55,6 +57,9 @@ PHASE_MARKERS = (
     ("Restore operation completed", "finalising"),
 )
 TAIL_LINES = 20
+# The lines a recovery's worker writes while it waits for a slot on its target host, and once it has one.
+WAITING_LINE = "pg-backup-api: waiting for a slot on "
+SLOT_LINE = "pg-backup-api: got a slot on "
 
 SERVER_TYPES = (OperationType.RECOVERY, OperationType.BACKUP, OperationType.CONFIG_SWITCH)
 INSTANCE_TYPES = (OperationType.CONFIG_UPDATE,)
@@ -168,6 +173,10 @@ def status_of(record: Record) -> Status:
 def phase_of(progress: str) -> str:
     phase = "preparing"
     for line in progress.splitlines():
+        if line.startswith(WAITING_LINE):
+            phase = f"waiting for a slot on {line[len(WAITING_LINE):].split(' ', 1)[0]}"
+        elif line.startswith(SLOT_LINE):
+            phase = "preparing"
         for marker, name in PHASE_MARKERS:
             if line.startswith(marker):
                 phase = name
@@ -200,6 +209,9 @@ def describe(record: Record, progress: str = "", now: Optional[datetime] = None)
     """
     job, out = record.job, record.output or {}
     state = state_of(record)
+    phase = phase_of(progress) if state in LIVE_STATES else None
+    if state is State.RUNNING and phase is not None and phase.startswith("waiting for a slot on "):
+        state = State.QUEUED
     doc: Dict[str, Any] = {"operation_id": record.op_id, "status": status_of(record).value,
                            "state": state.value}
     op_type: Optional[str] = job.get("operation_type")
@@ -215,7 +227,7 @@ def describe(record: Record, progress: str = "", now: Optional[datetime] = None)
     doc["end_time"] = out.get("end_time")
     doc["duration_s"] = duration(record, now or now_utc())
     if state in LIVE_STATES:
-        doc["phase"] = phase_of(progress)
+        doc["phase"] = phase
         doc["output_tail"] = progress.splitlines()[-TAIL_LINES:]
     else:
         doc["exit_code"] = out.get("exit_code")

@@ -7,13 +7,24 @@ import os
 import signal
 import subprocess
 import sys
+import time
 import traceback
+from dataclasses import dataclass
 from types import FrameType
 from typing import Any, Dict, List, Optional, Tuple
 
-from pg_backup_api import barman_adapter, processes, ssh_master
+from pg_backup_api import barman_adapter, processes, ssh_command, ssh_master
+from pg_backup_api.claims import Claims
 from pg_backup_api.errors import ApiError
-from pg_backup_api.operations import RECOVERY_OPTIONS, OperationType, State, now_utc, timestamp
+from pg_backup_api.operations import (
+    RECOVERY_OPTIONS,
+    SLOT_LINE,
+    WAITING_LINE,
+    OperationType,
+    State,
+    now_utc,
+    timestamp,
+)
 from pg_backup_api.store import OperationStore
 
 log = logging.getLogger(__name__)
@@ -45,6 +56,19 @@ def spawn_worker(op_type: OperationType, server: str, op_id: str, store: Operati
     with open(store.log_path(op_id), "ab") as worker_log:
         subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=worker_log, stderr=subprocess.STDOUT,
                        env=env, close_fds=True, check=True)
+
+
+# Seconds between two asks of a waiting recovery for a slot on its host.
+SLOT_POLL = 0.5
+
+
+@dataclass(frozen=True)
+class HostSlots:
+    """The limit of recoveries running at once into one host (max_recoveries_per_host), and the
+    claims that keep its slots (their liveness check is the service's reconciliation)."""
+
+    claims: Claims
+    limit: int
 
 
 def operation_marker(server: Optional[str], op_id: str) -> str:
@@ -102,6 +126,33 @@ class Worker:
                 progress.flush()
         return self.child.wait(), b"".join(output).decode("utf-8", errors="replace")
 
+    def wait_for_slot(self, slots: HostSlots, host: str) -> Tuple[bool, str]:
+        """Wait, in arrival order, until one of *host*'s slots is this operation's: (True, what was
+        said), or (False, ...) once it must not start at all (canceled, signalled or ended meanwhile)."""
+        # Recorded first: a worker alive and waiting is neither lost nor unreachable by a cancel.
+        self.store.record_worker(self.op_id, processes.identity().to_json())
+        said = ""
+        started = time.monotonic()
+        while self._refusal() is None:
+            place = slots.claims.take_slot(host, self.store.server, self.op_id, slots.limit)
+            if place is None:
+                if said:
+                    said += self._say(f"{SLOT_LINE}{host} after {time.monotonic() - started:.1f} s\n")
+                return True, said
+            if not said:
+                running, position = place
+                said = self._say(f"{WAITING_LINE}{host} ({running} recoveries run there, at most "
+                                 f"{slots.limit} at once: max_recoveries_per_host); number {position} in the queue\n")
+                log.info("operation %s: waiting for a slot on %s", self.op_id, host)
+            time.sleep(SLOT_POLL)  # a signal interrupts nothing here: the next _refusal() sees it
+        return False, said
+
+    def _say(self, line: str) -> str:
+        """*line* in the progress file now (a status read shows it), and returned for the output."""
+        with open(self.store.progress_path(self.op_id), "ab") as progress:
+            progress.write(line.encode())
+        return line
+
     def _refusal(self) -> Optional[str]:
         """Why barman must not start now, or None. A call of its own: pending signal handlers run
         on entering it, so a signal that arrived while the lock was awaited is seen here."""
@@ -145,8 +196,18 @@ def _argv(op_type: OperationType, barman_conf: str, server: str, job: Dict[str, 
     return barman_adapter.config_update_argv(barman_conf, job["changes"])
 
 
-def run_operation(op_type: OperationType, barman_conf: str, server: Optional[str], op_id: str) -> int:
-    """The worker process: run the operation a job file describes and always record its end."""
+def target_host(job: Dict[str, Any]) -> str:
+    """The host a recovery writes to, as ssh resolves it (what its slots are counted by)."""
+    # Checked against the server's policy when it was accepted; parsed again only for its host.
+    return ssh_command.resolve(ssh_command.parse(job["remote_ssh_command"], ssh_command.ENABLEABLE)).host
+
+
+def run_operation(op_type: OperationType, barman_conf: str, server: Optional[str], op_id: str,
+                  slots: Optional[HostSlots] = None) -> int:
+    """The worker process: run the operation a job file describes and always record its end.
+
+    With *slots*, a recovery first waits for a slot on its target host.
+    """
     store = None
     job: Dict[str, Any] = {}
     worker: Optional[Worker] = None
@@ -164,13 +225,23 @@ def run_operation(op_type: OperationType, barman_conf: str, server: Optional[str
         worker = Worker(store, server, op_id)
         if op_type is OperationType.CONFIG_UPDATE:
             queue = barman_adapter.snapshot_config_changes_queue(config)
-        # --- ssh multiplexing (ssh_master.py): Barman's ssh rides on one master connection of the
-        # worker's for as long as Barman runs; the job file keeps the client's command.
-        with ssh_master.multiplexed(op_type, job, config.barman_home, server, op_id, store) as ssh:
-            argv = _argv(op_type, barman_conf, server or "", ssh.job)
-            exit_code, output = worker.run(argv)
-            output = ssh.note + output
-        # --- end of ssh multiplexing
+        host = target_host(job) if slots is not None and op_type is OperationType.RECOVERY else None
+        granted, waited = worker.wait_for_slot(slots, host) if slots and host else (True, "")
+        try:
+            if granted:
+                # --- ssh multiplexing (ssh_master.py): Barman's ssh rides on one master connection of the
+                # worker's for as long as Barman runs; the job file keeps the client's command.
+                with ssh_master.multiplexed(op_type, job, config.barman_home, server, op_id, store) as ssh:
+                    argv = _argv(op_type, barman_conf, server or "", ssh.job)
+                    exit_code, output = worker.run(argv)
+                    output = waited + ssh.note + output
+                # --- end of ssh multiplexing
+            else:  # barman does not start: run() says why, under the operation's lock
+                exit_code, output = worker.run(_argv(op_type, barman_conf, server or "", job))
+                output = waited + output
+        finally:
+            if slots and host:
+                release_slot(slots, host, server, op_id)
     except ApiError as exc:
         output = f"pg-backup-api: {exc.message}\n"
     except Exception:  # the end must be recorded whatever went wrong
@@ -185,6 +256,14 @@ def run_operation(op_type: OperationType, barman_conf: str, server: Optional[str
     if op_type is OperationType.BACKUP and state is State.SUCCEEDED:
         extra["new_backup_id"] = barman_adapter.new_backup_id(output)
     return finish(store, op_id, job, exit_code, output, state, reason, extra)
+
+
+def release_slot(slots: HostSlots, host: str, server: Optional[str], op_id: str) -> None:
+    """Give the slot back; if that fails, the next recovery to ask frees it once this one has ended."""
+    try:
+        slots.claims.release_slot(host, server, op_id)
+    except (OSError, ApiError) as exc:
+        log.warning("operation %s: cannot give back its slot on %s: %s", op_id, host, exc)
 
 
 def restore_queue(queue: Any) -> str:

@@ -7,30 +7,35 @@ and its output file makes that verdict permanent.
 
 from __future__ import annotations
 
-import fcntl
-import hashlib
 import logging
-import re
 import signal
 import threading
-from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional
+from typing import Any, Callable, Dict, List, Mapping, Optional
 
-from pg_backup_api import auth, barman_adapter, effects, processes, runner, ssh_command, ssh_master
+from pg_backup_api import (
+    auth,
+    barman_adapter,
+    claims,
+    discovery,
+    effects,
+    paging,
+    processes,
+    runner,
+    ssh_command,
+    ssh_master,
+)
 from pg_backup_api.errors import (
     ApiError,
     CancelFailed,
     Conflict,
     CorruptState,
-    InvalidRequest,
     NoSuchModel,
     NotFound,
     Unprocessable,
 )
-from pg_backup_api.ids import is_valid_id, sort_key
 from pg_backup_api.operations import (
     ADMIN_TYPES,
     INSTANCE_TYPES,
@@ -46,14 +51,11 @@ from pg_backup_api.operations import (
     status_of,
 )
 from pg_backup_api.settings import Settings
-from pg_backup_api.single_flight import SingleFlight
 from pg_backup_api.store import (
     OperationStore,
     Record,
     corrupt,
-    read_state_file,
     storage_error,
-    write_json_atomic,
 )
 
 log = logging.getLogger(__name__)
@@ -63,11 +65,6 @@ Spawn = Callable[[OperationType, str, str, OperationStore, str], None]
 # after this long never started (the spawn failed after the job file was written).
 WORKER_START_GRACE = timedelta(seconds=60)
 PROGRESS_TAIL_BYTES = 16 * 1024
-CLAIMS_DIR = ".destinations"
-# Locks of the slow reads (check, status, diagnose) that run one at a time; see single_flight.
-READS_DIR = ".reads"
-READ_RETRY_AFTER = 5
-CONFIG_UPDATE_CLAIM = "config-update"
 
 
 class Service:
@@ -80,8 +77,8 @@ class Service:
         self._stores: Dict[Path, OperationStore] = {}
         self._stores_lock = threading.Lock()
         self.tokens = auth.TokenFile(settings.tokens_file)
-        self._reads = SingleFlight(lambda: self.config_source.get().barman_home / "jobs" / READS_DIR,
-                                   READ_RETRY_AFTER)
+        self.claims = claims.Claims(lambda: self.config_source.get().barman_home / "jobs", self._lookup)
+        self.discovery = discovery.Discovery(settings, self.config_source, self.claims)
 
     def _store(self, server: Optional[str]) -> OperationStore:
         config = self.config_source.get()
@@ -96,6 +93,11 @@ class Service:
             return store
 
     # -- reads ---------------------------------------------------------------------------
+
+    def _lookup(self, server: Optional[str], op_id: str) -> Record:
+        """The operation as reconciled now (what the claims ask of a holder); NotFound once gone."""
+        store = self._store(server)
+        return self._reconciled(store, store.get(op_id))
 
     def _reconciled(self, store: OperationStore, record: Record) -> Record:
         """*record*, turned FAILED/lost first if its worker is gone without recording an end.
@@ -192,14 +194,14 @@ class Service:
 
     def list_operations(self, server: Optional[str], query: Optional[Mapping[str, Any]] = None
                         ) -> Dict[str, Any]:
-        filters = parse_filters(query) if query else None
+        filters = paging.parse_filters(query) if query else None
         store = self._store(server)
         operations = store.list()
         for op_id in store.unfinished(operations):
             self.reconcile_errors += self._reconcile_one(store, op_id)
         if filters is None:
             return {"operations": operations}
-        return paged(store, operations, filters)
+        return paging.paged(store, operations, filters)
 
     def get_operation(self, server: Optional[str], op_id: str) -> Dict[str, Any]:
         store = self._store(server)
@@ -264,15 +266,17 @@ class Service:
             claim_key, busy = f"config\0{server}", f"a configuration change of server '{server}' is running"
         else:
             barman_adapter.check_version("config_update", (3, 10))
-            claim_key, busy = CONFIG_UPDATE_CLAIM, "a config_update is already running"
+            claim_key, busy = claims.CONFIG_UPDATE_KEY, "a config_update is already running"
         if op_type is not OperationType.RECOVERY:
             self._check_effects(server, effects.effects_of(op_type, fields))
-        with self._claim(claim_key, busy) as claim:
+        # Checked, proven, stored and claimed under one hold of the claims' lock.
+        with self.claims.locked():
+            self.claims.refuse_if_held(claim_key, busy)
             if op_type is OperationType.CONFIG_UPDATE:
                 # Proven under the claim, so no other config_update runs between this proof and
                 # the real edit. The job stores the values as Barman will write them (strings).
                 fields["changes"] = barman_adapter.prove_config_changes(config, fields["changes"])
-            op_id = self._store_and_spawn(store, op_type, server, fields, claim)
+            op_id = self._store_and_spawn(store, op_type, server, fields, claim_key, busy)
         log.info("operation %s (%s) accepted for %s", op_id, op_type.value, server or "the instance")
         return op_id
 
@@ -297,12 +301,12 @@ class Service:
         effects.check_effects(found, rules)
 
     def _store_and_spawn(self, store: OperationStore, op_type: OperationType, server: Optional[str],
-                         fields: Dict[str, Any], claim: Callable[[Optional[str], str], None]) -> str:
+                         fields: Dict[str, Any], claim_key: str, busy: str) -> str:
         start = now_utc()
         op_id = store.create(job_document(op_type, fields, start), start)
         try:
             # Claimed before the worker starts: its start-up would compete with this write.
-            claim(server, op_id)
+            self.claims.acquire(claim_key, server, op_id, busy)
         except OSError as exc:
             # Not claimed, so never started: forget the job rather than leave one that reads as running.
             store.remove(op_id)
@@ -321,68 +325,6 @@ class Service:
                     raise storage_error(exc, "cannot start the worker") from exc
             raise ApiError(f"operation {op_id} was stored but its worker could not start: {exc}") from exc
         return op_id
-
-    @contextmanager
-    def _claim(self, key: str, busy: str) -> Iterator[Callable[[Optional[str], str], None]]:
-        """At most one running operation per *key*: checked and claimed under one lock.
-
-        Keys name what two operations must not do at once: recover into the same directory
-        of the same host, back up the same server. The lock is an flock on a file under
-        Barman's home, so it holds across threads, gunicorn workers and service instances.
-        """
-        claim_path = self._claim_path(key)
-        claims = claim_path.parent
-        try:
-            claims.mkdir(parents=True, exist_ok=True)
-            lock = open(claims / ".lock", "a")
-        except OSError as exc:
-            raise storage_error(exc, f"cannot open the claims' lock in {claims}") from exc
-        with lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            holder = self._claim_holder(claim_path)
-            if holder is not None and holder.get("corrupt"):
-                raise Conflict(f"refused until an operator checks the claim it needs: {holder['corrupt']}")
-            if holder is not None:
-                where = f" of server '{holder['server']}'" if holder.get("server") else ""
-                raise Conflict(f"{busy}: operation '{holder['operation_id']}'{where}; wait for it or cancel it")
-
-            def claim(server: Optional[str], op_id: str) -> None:
-                write_json_atomic(claim_path, {"server": server, "operation_id": op_id, "key": key},
-                                  exclusive=False)
-            yield claim
-
-    def _claim_path(self, key: str) -> Path:
-        claims = self.config_source.get().barman_home / "jobs" / CLAIMS_DIR
-        return claims / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.claim"
-
-    def _claim_holder(self, claim_path: Path) -> Optional[Dict[str, Any]]:
-        """The claim in *claim_path* if its operation still runs, else None.
-
-        Fails closed: a claim that cannot be read, or whose operation's files cannot be, holds;
-        it is then {"corrupt": why}. Only a claim whose operation or server is gone is free.
-        """
-        try:
-            holder = read_state_file(claim_path)
-            if holder is None:
-                return None
-            server, op_id = holder["server"], holder["operation_id"]
-            if not (server is None or isinstance(server, str)) or not isinstance(op_id, str):
-                raise CorruptState(str(claim_path), "'server' or 'operation_id' is not a string")
-        except CorruptState as exc:
-            return {"corrupt": exc.message}
-        except KeyError as exc:
-            return {"corrupt": f"{claim_path} cannot be read: it has no {exc}; `pg-backup-api doctor` lists it "
-                               "and `pg-backup-api doctor --fix` moves it aside"}
-        try:
-            store = self._store(server)
-            record = self._reconciled(store, store.get(op_id))
-        except NotFound:
-            return None  # its operation or server is gone
-        except ApiError as exc:
-            return {"corrupt": f"the operation '{op_id}' holding it cannot be checked: {exc.message}"}
-        if record.problem is not None and record.problem["state"] == State.CORRUPT.value:
-            return {"corrupt": f"operation '{op_id}' holds it and {record.problem['reason']}"}
-        return holder if record.output is None else None
 
     def cancel_operation(self, server: Optional[str], op_id: str, token: Optional[auth.Token] = None
                          ) -> Dict[str, Any]:
@@ -449,49 +391,6 @@ class Service:
                                 "status": status_of(Record(op["id"], {}, output)).value})
         return removed
 
-    # -- discovery (read-only, synchronous) ----------------------------------------------------
-
-    def diagnose(self) -> Dict[str, Any]:
-        path = self.config_source.get().path
-        return self._reads.run("diagnose", "barman diagnose",
-                               lambda: barman_adapter.diagnose(path, self.settings.check_timeout))
-
-    def list_servers(self) -> List[Dict[str, Any]]:
-        config = self.config_source.get()
-        return [barman_adapter.server_summary(config.server(name)) for name in config.server_names]
-
-    def config_changes_queue(self) -> Dict[str, Any]:
-        """Barman's queue of configuration changes; `stuck` when changes wait and no config_update runs."""
-        config = self.config_source.get()
-        running = self._claim_holder(self._claim_path(CONFIG_UPDATE_CLAIM)) is not None
-        return barman_adapter.config_changes_queue(config, running)
-
-    def server_status(self, server: str) -> Dict[str, Any]:
-        config = self.config_source.get()
-        summary = barman_adapter.server_summary(config.server(server))
-        status = self._reads.run(f"status\0{server}", f"barman status of server '{server}'", lambda: (
-            barman_adapter.barman_json(config.path, "status", "--", server, timeout=self.settings.check_timeout)))
-        return {**summary, "status": status.get(server, {})}
-
-    def list_backups(self, server: str) -> List[Dict[str, Any]]:
-        return barman_adapter.list_backups(self.config_source.get().server(server))
-
-    def show_backup(self, server: str, requested: str) -> Dict[str, Any]:
-        config = self.config_source.get()
-        backup_id = barman_adapter.find_backup(config.server(server), requested)
-        shown = barman_adapter.barman_json(config.path, "show-backup", "--", server, backup_id)
-        return shown.get(server, shown)
-
-    def check_server(self, server: str) -> Dict[str, Any]:
-        config = self.config_source.get()
-        config.server(server)
-        result = self._reads.run(f"check\0{server}", f"barman check of server '{server}'", lambda: (
-            barman_adapter.barman_json(config.path, "check", "--", server, timeout=self.settings.check_timeout)
-        )).get(server, {})
-        checks = [{"name": name, "status": item.get("status"), "hint": item.get("hint", "")}
-                  for name, item in result.items()]
-        return {"server": server, "ok": all(c["status"] == "OK" for c in checks), "checks": checks}
-
 
 def worker_identity(store: OperationStore, op_id: str) -> Optional[processes.ProcessIdentity]:
     """Who the operation's worker is, None before it has recorded itself; CorruptState if unreadable."""
@@ -502,71 +401,3 @@ def worker_identity(store: OperationStore, op_id: str) -> Optional[processes.Pro
         return processes.ProcessIdentity.from_json(worker)
     except (KeyError, TypeError, ValueError) as exc:
         raise CorruptState(str(store.worker_path(op_id)), f"not a worker identity ({exc!r})") from None
-
-
-LIST_STATUSES = ("IN_PROGRESS", "DONE", "FAILED")
-LIST_TYPES = tuple(t.value for t in OperationType)
-MAX_LIMIT = 10000
-# ASCII digits only (str.isdigit() is true for "²", which int() refuses), and few enough
-# of them that int() never meets a 5,000-digit string.
-LIMIT_RE = re.compile(r"[0-9]{1,5}")
-
-
-@dataclass(frozen=True)
-class ListFilters:
-    """The list's query parameters, checked."""
-
-    status: Optional[str] = None
-    type: Optional[str] = None
-    after: Optional[str] = None
-    limit: Optional[int] = None
-
-
-def parse_filters(query: Mapping[str, Any]) -> ListFilters:
-    """Check the query parameters of a listing; every refusal names the parameter and its rule."""
-    # A name is quoted back shortened: the query string may be kilobytes long.
-    unknown = sorted(repr(name)[:80] for name in query if name not in ListFilters.__dataclass_fields__)
-    if unknown:
-        raise InvalidRequest(f"unknown query parameter(s): {', '.join(unknown)}; "
-                             f"allowed: {', '.join(ListFilters.__dataclass_fields__)}")
-    for name, value in query.items():
-        if not isinstance(value, str):
-            raise InvalidRequest(f"query parameter '{name}' must be a string")
-    status, op_type, after, limit = (query.get(name) for name in ("status", "type", "after", "limit"))
-    if status is not None and status not in LIST_STATUSES:
-        raise InvalidRequest(f"query parameter 'status' must be one of {', '.join(LIST_STATUSES)}")
-    if op_type is not None and op_type not in LIST_TYPES:
-        raise InvalidRequest(f"query parameter 'type' must be one of {', '.join(LIST_TYPES)}")
-    if after is not None and not is_valid_id(after):
-        raise InvalidRequest("query parameter 'after' must be an operation id such as 20261127T093201 "
-                             "or 20261127T093201-2 (the 'next' of the previous page)")
-    if limit is not None and (not LIMIT_RE.fullmatch(limit) or not 1 <= int(limit) <= MAX_LIMIT):
-        raise InvalidRequest(f"query parameter 'limit' must be an integer from 1 to {MAX_LIMIT} "
-                             f"in ASCII digits")
-    return ListFilters(status, op_type, after, int(limit) if limit is not None else None)
-
-
-def paged(store: OperationStore, operations: List[Dict[str, str]], filters: ListFilters) -> Dict[str, Any]:
-    """Filter by `status` and `type`, then return at most `limit` after the cursor `after`."""
-    after = sort_key(filters.after) if filters.after is not None else None
-    limit = filters.limit
-    selected = []
-    for op in operations:
-        if after is not None and sort_key(op["id"]) <= after:
-            continue
-        if filters.type is not None and op["type"] != filters.type:
-            continue
-        if filters.status is not None and _status(store, op["id"]) != filters.status:
-            continue
-        selected.append(op)
-        if limit is not None and len(selected) > limit:
-            break
-    result: Dict[str, Any] = {"operations": selected[:limit] if limit is not None else selected}
-    if limit is not None and len(selected) > limit:
-        result["next"] = selected[limit - 1]["id"]
-    return result
-
-
-def _status(store: OperationStore, op_id: str) -> str:
-    return status_of(Record(op_id, {}, store.end_summary(op_id))).value
-

@@ -13,6 +13,7 @@
     ; `-o` options remote_ssh_command may use beyond the default allowlist (see ssh_command.py)
     ssh_options = StrictHostKeyChecking UserKnownHostsFile
     ssh_multiplex = on             ; off: Barman opens its own ssh connections (see ssh_master.py)
+    max_recoveries_per_host = 4    ; recoveries running at once into one target host; more wait, queued
 
     [server pg]                    ; optional, narrows what a recovery of server `pg` may target
     allowed_hosts = db2.example.org 10.0.0.5
@@ -65,6 +66,7 @@ class Settings:
     trusted_proxies: Tuple[str, ...] = ("127.0.0.1", "::1")
     ssh_options: Tuple[str, ...] = ()
     ssh_multiplex: bool = True
+    max_recoveries_per_host: int = 4  # recoveries into one target host running at once; the others wait
     servers: Dict[str, ServerPolicy] = field(default_factory=dict)
 
     def policy(self, server: str) -> ServerPolicy:
@@ -86,7 +88,7 @@ class Settings:
             values, servers = _read_file(path or DEFAULT_CONFIG)
         for key in ("barman_conf", "port", "log_level", "cancel_grace", "check_timeout", "check_interval",
                     "max_streams", "auth", "tokens_file", "audit_log", "max_body_bytes", "ssh_options",
-                    "ssh_multiplex"):
+                    "ssh_multiplex", "max_recoveries_per_host"):
             if f"PG_BACKUP_API_{key.upper()}" in env:
                 values[key] = env[f"PG_BACKUP_API_{key.upper()}"]
         return cls(
@@ -104,6 +106,7 @@ class Settings:
             trusted_proxies=tuple(values.get("trusted_proxies", "127.0.0.1 ::1").replace(",", " ").split()),
             ssh_options=ssh_command.option_names(values.get("ssh_options", ""), "[api] or PG_BACKUP_API_SSH_OPTIONS"),
             ssh_multiplex=_switch(values, "ssh_multiplex", True),
+            max_recoveries_per_host=_integer(values, "max_recoveries_per_host", 4, 1, 1000),
             servers=servers,
         )
 

@@ -52,10 +52,12 @@ START_TIMEOUT = 30.0  # seconds the master may take to connect and carry a first
 STOP_TIMEOUT = 5.0
 POLL = 0.01
 PR_SET_PDEATHSIG = 1
-# A master that sshd drops before the key exchange (MaxStartups, or a restart) is retried after
-# about these many seconds; a refused port or a failed authentication is not.
+# A master that sshd drops before the key exchange (MaxStartups, or a restart), or whose connection
+# is refused (sshd restarting, a host coming up), is retried after about these many seconds, each
+# retry said in the operation's output; a failed authentication or an unknown host is not.
 RETRY_DELAYS = (0.5, 1.0, 2.0, 4.0)
-RETRYABLE = re.compile(r"kex_exchange_identification|Connection reset by peer|Connection closed by remote host")
+RETRYABLE = re.compile(r"kex_exchange_identification|Connection reset by peer|Connection closed by remote host"
+                       r"|Connection refused")
 # The job field that holds each operation type's ssh command: the operations that go over ssh.
 SSH_FIELDS = {"recovery": "remote_ssh_command"}
 

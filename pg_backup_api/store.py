@@ -10,23 +10,27 @@ An operation's status follows from which files exist, so the files are the only 
 
 from __future__ import annotations
 
-import errno
 import fcntl
-import json
 import logging
 import os
-import tempfile
 import threading
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
 from datetime import datetime
-from itertools import chain
 from pathlib import Path
-from typing import Any, Dict, Iterable, Iterator, List, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 from pg_backup_api import ids
-from pg_backup_api.errors import ApiError, CorruptState, InsufficientStorage, NoSuchOperation, StorageUnavailable
+from pg_backup_api.errors import ApiError, CorruptState, NoSuchOperation
+
+# Moved to the bottom layer (records); re-exported so the store's callers keep their imports.
+from pg_backup_api.records import (  # noqa: F401
+    Record,
+    read_state_file,
+    storage_error,
+    write_json_atomic,
+    write_json_new,
+)
 
 log = logging.getLogger(__name__)
 
@@ -41,77 +45,6 @@ WORKER_SUFFIX = ".worker"  # who the worker is: pid, start time, boot id
 CANCEL_SUFFIX = ".cancel"  # a cancellation was asked for
 CANCEL_FAILED_SUFFIX = ".cancel-failed"  # processes survived SIGKILL: why, and which
 SIDE_SUFFIXES = (WORKER_LOG_SUFFIX, PROGRESS_SUFFIX, WORKER_SUFFIX, CANCEL_SUFFIX, CANCEL_FAILED_SUFFIX)
-# errno values that mean "the disk is full" (507) and "this file system cannot be written" (503).
-FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
-UNWRITABLE_ERRNOS = (errno.EROFS, errno.EACCES, errno.EPERM)
-
-
-def storage_error(exc: OSError, what: str) -> ApiError:
-    """The domain error of a failed write under Barman's home: 507 when full, 503 when unwritable."""
-    detail = f"{what}: {exc.strerror or exc}"
-    if exc.errno in FULL_ERRNOS:
-        return InsufficientStorage(f"{detail}; nothing was stored, free space under Barman's home")
-    if exc.errno in UNWRITABLE_ERRNOS:
-        return StorageUnavailable(f"{detail}; nothing was stored, Barman's home must be writable")
-    return ApiError(detail)
-
-
-@contextmanager
-def _written(directory: Path, name: str, data: Dict[str, Any], mode: int) -> Iterator[str]:
-    """A temporary file in *directory* holding *data*, flushed to disk; removed on leaving."""
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            os.fchmod(f.fileno(), mode)
-            json.dump(data, f, indent=2)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        yield tmp
-    finally:
-        if os.path.lexists(tmp):
-            os.unlink(tmp)
-
-
-def write_json_atomic(path: Path, data: Dict[str, Any], exclusive: bool, mode: int = 0o640) -> None:
-    """Write *data* to *path* so that a reader sees either no file or the whole file.
-
-    With *exclusive*, fail with FileExistsError rather than replace an existing file.
-    """
-    if exclusive:
-        write_json_new([path], data, mode)
-        return
-    with _written(path.parent, path.name, data, mode) as tmp:
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
-
-
-def write_json_new(candidates: Iterable[Path], data: Dict[str, Any], mode: int = 0o640) -> Path:
-    """Create the first of *candidates* (in one directory) that does not exist yet, holding *data*.
-
-    The file is written once; `os.link` of it is atomic and exclusive, so a taken name costs
-    one failed link. Raises FileExistsError when every candidate is taken.
-    """
-    names = iter(candidates)
-    first = next(names)
-    with _written(first.parent, first.name, data, mode) as tmp:
-        for path in chain([first], names):
-            try:
-                os.link(tmp, path)
-            except FileExistsError:
-                continue
-            _fsync_dir(path.parent)
-            return path
-    raise FileExistsError(f"every candidate name is taken, the last being {first.parent}")
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
 
 # A directory's mtime moves whenever an entry is added or removed, but only at the clock tick
 # the file system uses (a few milliseconds): two changes within one tick share one mtime.
@@ -127,35 +60,6 @@ def _settled_stamp(directory: Path) -> Optional[int]:
     except FileNotFoundError:
         return None
     return mtime if time.time_ns() - mtime > SETTLE_NS else None
-
-
-def _read_json(path: Path) -> Dict[str, Any]:
-    with open(path) as f:
-        data = json.load(f)
-    if not isinstance(data, dict):
-        raise ValueError(f"{path} does not hold a JSON object")
-    return data
-
-
-def read_state_file(path: Path) -> Optional[Dict[str, Any]]:
-    """A state file's JSON object; None when it does not exist; CorruptState when it cannot be read."""
-    try:
-        return _read_json(path)
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError) as exc:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
-        raise CorruptState(str(path), str(exc) or exc.__class__.__name__) from None
-
-
-@dataclass(frozen=True)
-class Record:
-    """One operation as stored: its job file, and its output file once it has ended."""
-
-    op_id: str
-    job: Dict[str, Any]
-    output: Optional[Dict[str, Any]]
-    # Set when what the files say cannot be trusted: {"state": "corrupt"|"cancel_failed", "reason", "file"?}.
-    problem: Optional[Dict[str, str]] = None
 
 
 class OperationStore:

@@ -201,8 +201,7 @@ def test_processes_surviving_sigkill_make_cancel_failed_and_keep_the_claim(clien
                                                                           monkeypatch):
     fake_barman.mode("sleep")
     op_id = start(client)
-    # Barman runs (not merely the worker): a cancel before its start would end the operation cleanly.
-    wait_for(lambda: status(client, op_id)["phase"] == "copying base backup")
+    wait_for(fake_barman.starts)  # barman runs: the cancel below must stop it, not prevent its start
     # A process in uninterruptible sleep survives SIGKILL; that cannot be made as any user, so the
     # stop reports what it would: failure.
     monkeypatch.setattr(processes, "stop_group", lambda pgid, marker, grace: False)
@@ -317,6 +316,7 @@ def two_operations(client, fake_barman):
 def test_a_job_file_truncated_to_zero_bytes_is_corrupt_alone_and_holds_its_destination(
         client, fake_barman, barman_files, capsys):
     done, running = two_operations(client, fake_barman)
+    wait_worker_gone(barman_files, done)  # its end is recorded a moment before its worker exits
     job = barman_files.home / "pg" / "jobs" / f"{done}.json"
     job.write_text("")
     listing = client.get("/servers/pg/operations")

@@ -34,7 +34,7 @@ from hypothesis import strategies as st
 from jsonschema import FormatChecker
 from schemathesis.specs.openapi.checks import positive_data_acceptance
 
-from pg_backup_api import create_app, schema, service
+from pg_backup_api import create_app, paging, schema
 from pg_backup_api.errors import InvalidRequest
 from pg_backup_api.operations import INSTANCE_TYPES, SERVER_TYPES, parse_request
 from pg_backup_api.settings import Settings
@@ -383,7 +383,7 @@ def test_the_fuzzer_finds_a_limit_read_with_isdigit(monkeypatch):
         def fullmatch(text: str) -> bool:
             return text.isdigit()
 
-    monkeypatch.setattr(service, "LIMIT_RE", IsDigit)
+    monkeypatch.setattr(paging, "LIMIT_RE", IsDigit)
     report = FuzzReport(counted=False)
     fuzz_query(_app().test_client(), report, examples=15, derandomize=True)
     assert any("limit=" in failure and ": a 5xx: 500 " in failure for failure in report.failures), report.failures[:5]

@@ -27,6 +27,12 @@ CLIENT = "ssh -p 2222 -o ConnectTimeout=5 postgres@db2.example.org"
 REFUSED = "ssh -p 1 -o ConnectTimeout=5 postgres@127.0.0.1"
 
 
+@pytest.fixture(autouse=True)
+def fast_retries(monkeypatch):
+    """A refused connection is retried: quickly here."""
+    monkeypatch.setattr(ssh_master, "RETRY_DELAYS", (0.01, 0.02))
+
+
 @pytest.fixture
 def short_tmp():
     """A folder with a short path: pytest's own are too long for a unix socket under them."""
@@ -158,9 +164,10 @@ def test_a_master_that_cannot_connect_falls_back_to_the_plain_command_and_says_w
     job = {"remote_ssh_command": REFUSED}
     with ssh_master.multiplexed(OperationType.RECOVERY, job, short_tmp, "pg", "20261127T093201", on=True) as plan:
         assert plan.job == job
-        assert plan.note.startswith("pg-backup-api: ssh not multiplexed (the master connection exited with code 255")
-        assert "Connection refused" in plan.note
-        assert "barman runs remote_ssh_command as sent" in plan.note
+        last = plan.note.splitlines()[-1]
+        assert last.startswith("pg-backup-api: ssh not multiplexed (the master connection exited with code 255")
+        assert "Connection refused" in last
+        assert "barman runs remote_ssh_command as sent" in last
     assert list(ssh_master.socket_dir(short_tmp).iterdir()) == []
 
 
@@ -203,10 +210,19 @@ def test_a_master_dropped_during_the_key_exchange_is_retried_then_falls_back(sho
     assert lines[2].startswith("pg-backup-api: ssh not multiplexed (the master connection exited with code 255")
 
 
-def test_a_refused_port_is_not_retried(short_tmp, monkeypatch):
-    monkeypatch.setattr(ssh_master, "RETRY_DELAYS", (0.01, 0.02))
+def test_a_refused_connection_is_retried_a_bounded_number_of_times_and_the_output_says_so(short_tmp):
     with ssh_master.multiplexed(OperationType.RECOVERY, {"remote_ssh_command": REFUSED}, short_tmp, "pg",
                                 "20261127T093201", on=True) as plan:
+        lines = plan.note.splitlines()
+    assert len(lines) == 3  # two retries (RETRY_DELAYS), then the fallback
+    assert all(re.match(r"pg-backup-api: ssh master: the master connection exited with code 255: "
+                        r".*Connection refused \(retried after \d+\.\d s\)$", line) for line in lines[:2])
+    assert lines[2].startswith("pg-backup-api: ssh not multiplexed (")
+
+
+def test_an_unknown_host_is_not_retried(short_tmp):
+    job = {"remote_ssh_command": "ssh -o ConnectTimeout=5 postgres@no-such-host.invalid"}
+    with ssh_master.multiplexed(OperationType.RECOVERY, job, short_tmp, "pg", "20261127T093201", on=True) as plan:
         assert "retried" not in plan.note
         assert plan.note.count("\n") == 1
 

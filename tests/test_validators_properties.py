@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from pg_backup_api import ids, paths, schema, ssh_command
 from pg_backup_api.errors import ApiError, InvalidRequest
 from pg_backup_api.operations import INSTANCE_TYPES, SERVER_TYPES, parse_request
-from pg_backup_api.service import ListFilters, parse_filters
+from pg_backup_api.paging import ListFilters, parse_filters
 
 from .hostile import (
     INSTANCE_BODIES,

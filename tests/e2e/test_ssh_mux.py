@@ -8,6 +8,8 @@ import re
 import shutil
 import signal
 import subprocess
+import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -207,19 +209,50 @@ def test_a_master_that_cannot_start_falls_back_to_the_plain_command(sandbox, ser
     assert masters() == []
 
 
+def recovering_into(prefix: str) -> set:
+    """The destinations under *prefix* that some process (barman, its ssh, rsync) names now."""
+    found = set()
+    pattern = re.compile(re.escape(prefix) + r"[0-9]+")
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                found.update(pattern.findall(f.read().decode("utf-8", "replace")))
+        except OSError:
+            continue  # ended meanwhile
+    return found
+
+
 def test_thirty_recoveries_posted_at_once_to_one_sshd_all_recover(sandbox, service):
     """sshd's default MaxStartups (10:30:100) drops a burst of connections; without multiplexing
-    such a burst ends with most recoveries FAILED ('Unable to connect to the target host')."""
+    such a burst ends with most recoveries FAILED ('Unable to connect to the target host'). With
+    max_recoveries_per_host (default 4), at most 4 run at once and the others wait, queued."""
     server = sandbox["BARMAN_SERVER"]
     destinations = [sandbox.restore_dir(f"e2e-mux-burst-{i}") for i in range(30)]
+    prefix = destinations[0][:-1]
+    most, sampling = [0], threading.Event()
+
+    def sample() -> None:
+        while not sampling.is_set():
+            most[0] = max(most[0], len(recovering_into(prefix)))
+            time.sleep(0.1)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
     with ThreadPoolExecutor(len(destinations)) as pool:
         ids = list(pool.map(lambda d: post_recovery(service, sandbox, d), destinations))
     try:
-        ended = [service.wait_until_ended(server, op_id, timeout=600) for op_id in ids]
+        ended = [service.wait_until_ended(server, op_id, timeout=900) for op_id in ids]
+        sampling.set()
+        sampler.join()
         failed = [s["output"][-500:] for s in ended if s["status"] != "DONE"]
         assert failed == []
         # Each used one connection, some after a retry: the output says which.
         assert all("ssh multiplexed" in s["output"] for s in ended)
+        assert 2 <= most[0] <= 4, most[0]
+        waited = [s for s in ended if "pg-backup-api: waiting for a slot on " in s["output"]]
+        assert len(waited) >= 20  # the burst arrives within seconds, each recovery takes longer: most wait
+        assert all("pg-backup-api: got a slot on " in s["output"] for s in waited)
     finally:
+        sampling.set()
         for destination in destinations:
             shutil.rmtree(destination, ignore_errors=True)

@@ -1,0 +1,217 @@
+"""At most max_recoveries_per_host recoveries run at once into one host; the others wait, queued, in order.
+
+These run the real `spawn_worker` and worker (detached processes) with a stand-in barman that
+holds each recovery until the test opens its gate.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from pg_backup_api import claims, create_app, processes
+from pg_backup_api.settings import Settings
+
+ROOT = Path(__file__).resolve().parent.parent
+BODY = {"type": "recovery", "backup_id": "latest", "remote_ssh_command": "ssh postgres@db2"}
+
+# Notes its start, then copies until the gate named after its destination directory is opened.
+GATED_BARMAN = textwrap.dedent("""\
+    #!/bin/sh
+    for last; do :; done
+    echo "$$ $last" >> "$FAKE_BARMAN_STARTS"
+    echo "Starting remote restore for server pg"
+    echo "Copying the base backup."
+    while [ ! -e "$FAKE_GATE/$(basename "$last")" ]; do sleep 0.05; done
+    echo "Restore operation completed"
+    """)
+
+
+class Gated:
+    def __init__(self, tmp_path: Path) -> None:
+        self.starts_file = tmp_path / "barman-starts"
+        self.gates = tmp_path / "gates"
+        self.gates.mkdir()
+
+    def started(self) -> list:
+        """The destinations barman was started for, in order."""
+        lines = self.starts_file.read_text().splitlines() if self.starts_file.exists() else []
+        return [line.split(" ", 1)[1] for line in lines]
+
+    def open(self, destination: str) -> None:
+        (self.gates / Path(destination).name).touch()
+
+
+@pytest.fixture
+def gated(tmp_path, monkeypatch, barman_files) -> Gated:
+    exe = tmp_path / "bin" / "barman"
+    exe.parent.mkdir()
+    exe.write_text(GATED_BARMAN)
+    exe.chmod(0o755)
+    settings = tmp_path / "pg-backup-api.conf"
+    # What the detached workers read: a limit of 2 per host.
+    settings.write_text("[api]\nmax_recoveries_per_host = 2\n")
+    monkeypatch.setenv("PYTHONPATH", str(ROOT))
+    monkeypatch.setenv("PG_BACKUP_API_BARMAN", str(exe))
+    monkeypatch.setenv("PG_BACKUP_API_CONFIG", str(settings))
+    monkeypatch.setenv("PG_BACKUP_API_BARMAN_CONF", str(barman_files.conf))
+    fake = Gated(tmp_path)
+    monkeypatch.setenv("FAKE_BARMAN_STARTS", str(fake.starts_file))
+    monkeypatch.setenv("FAKE_GATE", str(fake.gates))
+    barman_files.add_backup("20261127T010000")
+    yield fake
+    for destination in ("a", "b", "c", "d"):
+        fake.open(f"/srv/pg/{destination}")  # let every worker end
+
+
+@pytest.fixture
+def client(barman_files, gated):
+    return create_app(Settings(barman_conf=str(barman_files.conf), cancel_grace=0.5)).test_client()
+
+
+def wait_for(predicate, timeout=30):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError("condition not met in time")
+
+
+def status(client, op_id):
+    response = client.get(f"/servers/pg/operations/{op_id}")
+    assert response.status_code == 200, response.json
+    return response.json
+
+
+def ended(client, op_id):
+    return wait_for(lambda: (doc := status(client, op_id))["status"] != "IN_PROGRESS" and doc)
+
+
+def post_four(client, gated) -> list:
+    """Recoveries into /srv/pg/a, b, c and d of one host, in that order: a and b run, c and d wait."""
+    ids = []
+    for destination in ("a", "b", "c", "d"):
+        body = {**BODY, "destination_directory": f"/srv/pg/{destination}"}
+        response = client.post("/servers/pg/operations", json=body)
+        assert response.status_code == 202, response.json
+        ids.append(response.json["operation_id"])
+        # One at a time, so each place is known (arrival order is the order of the operation ids).
+        if destination in ("a", "b"):
+            wait_for(lambda: len(gated.started()) == len(ids))
+        else:
+            wait_for(lambda: status(client, ids[-1])["state"] == "queued")
+    return ids
+
+
+def test_beyond_the_limit_recoveries_wait_queued_in_arrival_order(client, gated):
+    a, b, c, d = post_four(client, gated)
+    time.sleep(1)  # the waiting ones keep waiting
+    assert gated.started() == ["/srv/pg/a", "/srv/pg/b"]
+    for op_id in (a, b):
+        assert (status(client, op_id)["status"], status(client, op_id)["state"]) == ("IN_PROGRESS", "running")
+    for op_id, place in ((c, 1), (d, 2)):
+        doc = status(client, op_id)
+        assert (doc["status"], doc["state"], doc["phase"]) == ("IN_PROGRESS", "queued", "waiting for a slot on db2")
+        assert doc["output_tail"][-1] == (f"pg-backup-api: waiting for a slot on db2 (2 recoveries run there, at "
+                                          f"most 2 at once: max_recoveries_per_host); number {place} in the queue")
+    listed = client.get("/servers/pg/operations?status=IN_PROGRESS").json["operations"]
+    assert [o["id"] for o in listed] == [a, b, c, d]
+
+
+def test_an_ended_recovery_hands_its_slot_to_the_first_in_the_queue(client, gated):
+    a, b, c, d = post_four(client, gated)
+    gated.open("/srv/pg/b")
+    assert ended(client, b)["status"] == "DONE"
+    wait_for(lambda: len(gated.started()) == 3)
+    assert gated.started() == ["/srv/pg/a", "/srv/pg/b", "/srv/pg/c"]
+    assert status(client, c)["state"] == "running"
+    assert status(client, d)["state"] == "queued"
+    gated.open("/srv/pg/c")
+    wait_for(lambda: len(gated.started()) == 4)
+    gated.open("/srv/pg/a")
+    gated.open("/srv/pg/d")
+    for op_id in (a, d):
+        assert ended(client, op_id)["status"] == "DONE"
+    # The wait is part of the operation's output.
+    output = status(client, d)["output"]
+    assert "pg-backup-api: waiting for a slot on db2 (" in output
+    assert "pg-backup-api: got a slot on db2 after " in output
+
+
+def test_a_queued_recovery_can_be_canceled_and_never_starts(client, gated):
+    a, b, c, d = post_four(client, gated)
+    response = client.post(f"/servers/pg/operations/{c}/cancel")
+    assert (response.status_code, response.json["status"], response.json["state"]) == (200, "FAILED", "canceled")
+    assert "barman not started" in response.json["output"]
+    gated.open("/srv/pg/a")
+    wait_for(lambda: len(gated.started()) == 3)
+    assert gated.started() == ["/srv/pg/a", "/srv/pg/b", "/srv/pg/d"]  # c's turn went to d
+    assert status(client, c)["state"] == "canceled"
+
+
+def test_the_slot_of_a_worker_killed_while_it_ran_is_taken_by_the_next(client, gated, barman_files):
+    a, b, c, d = post_four(client, gated)
+    worker = json.loads((barman_files.home / "pg" / "jobs" / ".workers" / f"{a}.worker").read_text())
+    os.kill(worker["pid"], signal.SIGKILL)
+    # The next waiter asks for a slot, finds a's worker gone: a is lost, its barman stopped, c starts.
+    wait_for(lambda: len(gated.started()) == 3)
+    assert gated.started()[2] == "/srv/pg/c"
+    assert (status(client, a)["status"], status(client, a)["state"]) == ("FAILED", "lost")
+    assert processes.group_members(worker["pid"]) == []
+    assert status(client, d)["state"] == "queued"
+
+
+def test_slots_are_files_under_barman_home_named_by_host(client, gated, barman_files):
+    a, b, c, d = post_four(client, gated)
+    hosts = barman_files.home / "jobs" / claims.HOSTS_DIR
+    (host,) = hosts.iterdir()
+    slots = {json.loads(p.read_text())["operation_id"]: json.loads(p.read_text())["running"]
+             for p in host.glob("*.slot")}
+    assert slots == {a: True, b: True, c: False, d: False}
+    for destination in ("a", "b", "c", "d"):
+        gated.open(f"/srv/pg/{destination}")
+    for op_id in (a, b, c, d):
+        wait_for(lambda op_id=op_id: status(client, op_id)["status"] == "DONE")
+    assert list(host.glob("*.slot")) == []  # every slot given back
+
+
+def test_the_status_document_says_queued_while_the_worker_waits_and_running_once_it_has_a_slot():
+    from pg_backup_api.operations import describe
+    from pg_backup_api.records import Record
+
+    record = Record("20261127T093201", {"operation_type": "recovery"}, None)
+    waiting = "pg-backup-api: waiting for a slot on db2 (4 recoveries run there, ...); number 1 in the queue\n"
+    doc = describe(record, waiting)
+    assert (doc["status"], doc["state"], doc["phase"]) == ("IN_PROGRESS", "queued", "waiting for a slot on db2")
+    doc = describe(record, waiting + "pg-backup-api: got a slot on db2 after 3.2 s\n")
+    assert (doc["status"], doc["state"], doc["phase"]) == ("IN_PROGRESS", "running", "preparing")
+    doc = describe(record, waiting + "pg-backup-api: got a slot on db2 after 3.2 s\nCopying the base backup.\n")
+    assert (doc["state"], doc["phase"]) == ("running", "copying base backup")
+
+
+def test_an_unreadable_slot_counts_as_running_and_doctor_lists_and_moves_it(barman_files, capsys, monkeypatch):
+    from pg_backup_api import cli
+
+    monkeypatch.setenv("PG_BACKUP_API_BARMAN_CONF", str(barman_files.conf))
+    settings = barman_files.conf.parent / "pg-backup-api.conf"
+    settings.write_text("[api]\n")
+    monkeypatch.setenv("PG_BACKUP_API_CONFIG", str(settings))
+    home = barman_files.home
+    slots = claims.Claims(lambda: home / "jobs", lambda server, op_id: None)
+    path = slots.slot_path("db2", "pg", "20261127T093201")
+    path.parent.mkdir(parents=True)
+    path.write_text("{")
+    assert slots.take_slot("db2", "pg", "20261127T093202", limit=1) == (1, 1)  # fails closed: it waits
+    assert slots.take_slot("db2", "pg", "20261127T093202", limit=2) is None
+    assert cli.main(["doctor"]) == 1
+    assert f"FAIL state-files: {path} cannot be read" in capsys.readouterr().out
+    assert cli.main(["doctor", "--fix"]) == 0
+    assert not path.exists()
