@@ -1,7 +1,6 @@
 import json
 import os
 import threading
-import time
 from datetime import datetime, timezone
 
 import pytest
