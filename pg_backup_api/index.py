@@ -55,9 +55,12 @@ class Listing:
     """The operations in chronological order: a list of dicts and its JSON, each made once, on first use."""
 
     def __init__(self, order: List[str], types: Dict[str, str], corrupt: FrozenSet[str],
-                 appended_to: Optional["Listing"] = None) -> None:
+                 type_json: Dict[str, str], appended_to: Optional["Listing"] = None) -> None:
         self.ids = order
-        self._types = types  # shared with the index, which replaces it rather than change it
+        # Shared with the index, which only adds ids this listing does not hold; it copies the dict
+        # before it drops or changes an entry.
+        self._types = types
+        self._type_json = type_json
         self._corrupt = corrupt
         # When this listing only adds ids at the end of another, its JSON extends the other's.
         self._appended_to = appended_to
@@ -89,11 +92,11 @@ class Listing:
         return b'{"operations":[' + self._entries(self.ids) + b"]}\n"
 
     def _entries(self, order: List[str]) -> bytes:
-        # Ids match ids.ID_PATTERN, so only the types need escaping.
-        types = {t: json.dumps(t) for t in set(self._types.values())}
+        # Ids match ids.ID_PATTERN, so only the types need escaping; _type_json is only ever added to.
         corrupt = f'"type":{json.dumps(UNKNOWN_TYPE)},"state":"corrupt"'
+        type_json, types = self._type_json, self._types
         return ",".join([f'{{"id":"{i}",{corrupt}}}' if i in self._corrupt else
-                         f'{{"id":"{i}","type":{types[self._types[i]]}}}' for i in order]).encode()
+                         f'{{"id":"{i}","type":{type_json[types[i]]}}}' for i in order]).encode()
 
 
 @dataclass(frozen=True)
@@ -137,7 +140,8 @@ class OperationIndex:
         self.output_dir = output_dir
         self._read = read
         self._files = _Files()
-        empty = Snapshot(Listing([], {}, frozenset()), [])
+        self._type_json: Dict[str, str] = {}  # each type as JSON; only ever added to
+        empty = Snapshot(Listing([], {}, frozenset(), self._type_json), [])
         self._state = _State(None, False, None, False, empty)
         self._lock = threading.Lock()
         self._type_names: Dict[str, str] = {}  # one str object per type, shared by every entry
@@ -228,19 +232,18 @@ class OperationIndex:
             self._ends.pop(op_id, None)
         return self._reordered(listing, types, frozenset(corrupt), gone, added), added
 
-    @staticmethod
-    def _reordered(listing: Listing, types: Dict[str, str], corrupt: FrozenSet[str], gone: Set[str],
+    def _reordered(self, listing: Listing, types: Dict[str, str], corrupt: FrozenSet[str], gone: Set[str],
                    appeared: Set[str]) -> Listing:
         """A new listing: the old order without *gone*, with *appeared* in place (usually at the end)."""
         order = [i for i in listing.ids if i not in gone] if gone else list(listing.ids)
         added = sorted(appeared, key=ids.sort_key)
         if len(added) > len(order):
-            return Listing(sorted(order + added, key=ids.sort_key), types, corrupt)
+            return Listing(sorted(order + added, key=ids.sort_key), types, corrupt, self._type_json)
         if not gone and added and (not order or ids.sort_key(added[0]) > ids.sort_key(order[-1])):
-            return Listing(order + added, types, corrupt, appended_to=listing)
+            return Listing(order + added, types, corrupt, self._type_json, appended_to=listing)
         for op_id in added:
             bisect.insort(order, op_id, key=ids.sort_key)
-        return Listing(order, types, corrupt)
+        return Listing(order, types, corrupt, self._type_json)
 
     def _read_type(self, op_id: str) -> Optional[str]:
         """The job's type; _CORRUPT when its file cannot be read; None when it is gone."""
@@ -252,6 +255,8 @@ class OperationIndex:
         if job is None:
             return None
         op_type = str(job.get("operation_type"))
+        if op_type not in self._type_json:
+            self._type_json[op_type] = json.dumps(op_type)
         return self._type_names.setdefault(op_type, op_type)
 
     def _with_output(self, candidates: Set[str]) -> Set[str]:
