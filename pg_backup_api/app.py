@@ -1,8 +1,8 @@
 """The WSGI entry point for gunicorn: `gunicorn pg_backup_api.app:application`."""
 
-from pg_backup_api import create_app
+from pg_backup_api import create_app, with_status_shortcut
 from pg_backup_api.settings import Settings, setup_logging
 
 _settings = Settings.from_env()
 setup_logging(_settings.log_level)
-application = create_app(_settings)
+application = with_status_shortcut(create_app(_settings))

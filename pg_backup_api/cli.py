@@ -14,9 +14,9 @@ from pg_backup_api.settings import DEFAULT_PORT, LOOPBACK, Settings, setup_loggi
 def _serve(args: argparse.Namespace, settings: Settings) -> int:
     from werkzeug.serving import run_simple
 
-    from pg_backup_api import create_app
+    from pg_backup_api import create_app, with_status_shortcut
 
-    app = create_app(settings)
+    app = with_status_shortcut(create_app(settings))
     # Loopback only: the service has no authentication of its own, a reverse proxy does that.
     run_simple(LOOPBACK, args.port, app, threaded=True, use_reloader=False)
     return 0

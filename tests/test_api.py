@@ -208,6 +208,21 @@ def test_openapi_document_is_served(client):
     assert "/servers/{server_name}/operations" in doc["paths"]
 
 
+def test_the_status_shortcut_answers_exactly_as_flask_does(app):
+    from werkzeug.test import Client
+
+    from pg_backup_api import with_status_shortcut
+
+    direct, shortcut = app.test_client().get("/status"), Client(with_status_shortcut(app)).get("/status")
+    assert shortcut.status_code == direct.status_code == 200
+    assert shortcut.get_data() == direct.get_data()
+    assert shortcut.headers["Content-Type"] == direct.headers["Content-Type"]
+    assert shortcut.headers["Content-Length"] == direct.headers["Content-Length"]
+    # Everything else still goes through Flask.
+    assert Client(with_status_shortcut(app)).get("/servers/pg/operations").json == {"operations": []}
+    assert Client(with_status_shortcut(app)).post("/status").status_code == 405
+
+
 @pytest.mark.parametrize("query, parameter", [
     ("limit=%C2%B2", "limit"),  # "²".isdigit() is true; int("²") fails
     ("limit=" + "9" * 5000, "limit"),
