@@ -5,7 +5,7 @@ name is there: when a folder changes, only the names that appeared or disappeare
 
 A directory's mtime moves on every create and unlink, but only at the file system's clock tick:
 two changes within one tick share one mtime. So a scan is trusted to be complete only when it
-started more than SETTLE_NS after that mtime; until then every call lists jobs/ again (one
+started long enough after that mtime (settle_ns); until then every call lists jobs/ again (one
 listdir, compared with the last one) and reads only the new names.
 """
 
@@ -26,8 +26,14 @@ from pg_backup_api.errors import CorruptState
 
 log = logging.getLogger(__name__)
 
-# Longer than any local file system's tick; on a network file system keep the clocks in sync.
+# How long after a folder's mtime a scan must start to have seen every change that mtime stands for.
+# Local file systems stamp with this kernel's clock, coarse by one tick (10 ms at most): 100 ms is
+# ample. Anything else (NFS, CIFS, FUSE: another machine's clock and tick), and a file system that
+# keeps whole seconds, gets 1 s; on a network file system keep the clocks in sync.
 SETTLE_NS = 1_000_000_000
+LOCAL_SETTLE_NS = 100_000_000
+LOCAL_FILE_SYSTEMS = frozenset({"ext2", "ext3", "ext4", "xfs", "btrfs", "tmpfs", "zfs", "f2fs", "bcachefs",
+                                "jfs", "reiserfs", "nilfs2", "overlay"})
 # More new ids than this: list output/ once rather than look up each id's output file.
 PROBE_ONE_BY_ONE = 256
 UNKNOWN_TYPE = "unknown"
@@ -46,9 +52,31 @@ def _stamp(directory: Path) -> Stamp:
     return st.st_ino, st.st_mtime_ns
 
 
-def _trusted(stamp: Stamp, scan_started_ns: int) -> bool:
+def _trusted(stamp: Stamp, scan_started_ns: int, settle_ns: int) -> bool:
     """A scan that started after *stamp* had settled saw every change that *stamp* stands for."""
-    return stamp is None or scan_started_ns - stamp[1] > SETTLE_NS
+    if stamp is None:
+        return True
+    mtime = stamp[1]
+    return scan_started_ns - mtime > (settle_ns if mtime % 1_000_000_000 else SETTLE_NS)
+
+
+def settle_ns(directory: Path, mountinfo: str = "/proc/self/mountinfo") -> int:
+    """How long after a change a scan of *directory* is trusted, by the type of its file system."""
+    try:
+        mounts = Path(mountinfo).read_text().splitlines()
+    except OSError:
+        return SETTLE_NS
+    path = os.path.realpath(directory)
+    best, fs_type = "", ""
+    for line in mounts:
+        fields = line.split()
+        if "-" not in fields[6:]:
+            continue
+        mount_point = fields[4].replace("\\040", " ")
+        inside = path == mount_point or path.startswith(mount_point.rstrip("/") + "/")
+        if inside and len(mount_point) >= len(best):  # the last of equal ones is mounted on top
+            best, fs_type = mount_point, fields[fields.index("-", 6) + 1]
+    return LOCAL_SETTLE_NS if fs_type in LOCAL_FILE_SYSTEMS else SETTLE_NS
 
 
 class Listing:
@@ -135,10 +163,11 @@ class _Files:
 class OperationIndex:
     """The operations of one jobs/ and output/ pair, kept up to date by reading only what changed."""
 
-    def __init__(self, jobs_dir: Path, output_dir: Path, read: ReadState) -> None:
+    def __init__(self, jobs_dir: Path, output_dir: Path, read: ReadState, settle: Optional[int] = None) -> None:
         self.jobs_dir = jobs_dir
         self.output_dir = output_dir
         self._read = read
+        self.settle_ns = settle_ns(jobs_dir) if settle is None else settle
         self._files = _Files()
         self._type_json: Dict[str, str] = {}  # each type as JSON; only ever added to
         empty = Snapshot(Listing([], {}, frozenset(), self._type_json), [])
@@ -176,7 +205,8 @@ class OperationIndex:
             snapshot = state.snapshot
             if listing is not snapshot.listing or order is not snapshot.pending:
                 snapshot = Snapshot(listing, order)
-            self._state = _State(jobs, _trusted(jobs, started), output, _trusted(output, started), snapshot,
+            self._state = _State(jobs, _trusted(jobs, started, self.settle_ns), output,
+                                 _trusted(output, started, self.settle_ns), snapshot,
                                  bool(files.corrupt))
             return snapshot
 
@@ -189,10 +219,16 @@ class OperationIndex:
             names = []
         if names == files.names and not files.corrupt:
             return listing, set()
-        current = set(names)
-        appeared = {n[:-5] for n in current - files.name_set if n.endswith(".json") and ids.is_valid_id(n[:-5])}
-        gone = {i for i in (n[:-5] for n in files.name_set - current if n.endswith(".json"))
-                if i in files.types or i in files.corrupt}
+        known = files.name_set
+        fresh = [n for n in names if n not in known]
+        if len(names) - len(fresh) == len(known):  # every known name is still there: nothing was removed
+            current, gone = known, set()
+            current.update(fresh)  # in place: no snapshot holds this set
+        else:
+            current = set(names)
+            gone = {i for i in (n[:-5] for n in known - current if n.endswith(".json"))
+                    if i in files.types or i in files.corrupt}
+        appeared = {n[:-5] for n in fresh if n.endswith(".json") and ids.is_valid_id(n[:-5])}
         # Copied before an entry is dropped or changed: an older listing may still be encoding it.
         types, corrupt = files.types, set(files.corrupt)
         if gone:

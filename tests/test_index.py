@@ -25,7 +25,8 @@ class CountingStore(OperationStore):
             self.reads.append(path.name)
             return read_state_file(path)
 
-        self.index = index_module.OperationIndex(self.jobs_dir, self.output_dir, read)
+        # A long settle time, so that "within the tick of the last scan" holds on a slow machine too.
+        self.index = index_module.OperationIndex(self.jobs_dir, self.output_dir, read, settle=5_000_000_000)
 
 
 @pytest.fixture
@@ -215,3 +216,32 @@ def test_threads_listing_while_others_create_always_see_a_sorted_consistent_list
     assert ids_of(store) == sorted(created) and len(created) == 120
     assert store.unfinished() == sorted(created)
     assert max(seen) <= 120
+
+
+MOUNTINFO = """\
+22 1 252:1 / / rw,relatime shared:1 - ext4 /dev/vda rw
+30 22 0:26 / /srv/barman rw,relatime shared:2 - nfs4 server:/export rw
+31 30 0:27 / /srv/barman/local\\040disk rw,relatime shared:3 - xfs /dev/vdb rw
+32 22 0:28 / /mnt rw - tmpfs tmpfs rw
+33 22 0:29 / /mnt rw - fuse.sshfs host: rw
+"""
+
+
+def test_the_settle_time_follows_the_file_system_of_the_folder(tmp_path):
+    mountinfo = tmp_path / "mountinfo"
+    mountinfo.write_text(MOUNTINFO)
+    settle = lambda p: index_module.settle_ns(p, str(mountinfo))  # noqa: E731
+    assert settle("/var/lib/barman/pg/jobs") == index_module.LOCAL_SETTLE_NS  # ext4
+    assert settle("/srv/barman/pg/jobs") == index_module.SETTLE_NS  # NFS: another machine's clock
+    assert settle("/srv/barman/local disk/pg/jobs") == index_module.LOCAL_SETTLE_NS  # xfs mounted inside it
+    assert settle("/mnt/pg") == index_module.SETTLE_NS  # the FUSE mount is on top of the tmpfs
+    assert index_module.settle_ns("/x", str(tmp_path / "missing")) == index_module.SETTLE_NS
+
+
+def test_a_file_system_keeping_whole_seconds_gets_the_long_settle_time():
+    now = time.time_ns()
+    whole = (now // 1_000_000_000 - 1) * 1_000_000_000  # 1-2 s ago, no fraction
+    fine = whole + 1
+    assert index_module._trusted((1, fine), whole + 500_000_000, index_module.LOCAL_SETTLE_NS)
+    assert not index_module._trusted((1, whole), whole + 500_000_000, index_module.LOCAL_SETTLE_NS)
+    assert index_module._trusted((1, whole), whole + 1_500_000_000, index_module.LOCAL_SETTLE_NS)
