@@ -167,7 +167,7 @@ class OperationIndex:
         self.jobs_dir = jobs_dir
         self.output_dir = output_dir
         self._read = read
-        self.settle_ns = settle_ns(jobs_dir) if settle is None else settle
+        self._settle = settle  # found on first use: a worker that never lists never reads the mount table
         self._files = _Files()
         self._type_json: Dict[str, str] = {}  # each type as JSON; only ever added to
         empty = Snapshot(Listing([], {}, frozenset(), self._type_json), [])
@@ -177,6 +177,12 @@ class OperationIndex:
         # How ended operations ended (`success`, `state`): output files are write-once.
         self._ends: Dict[str, Dict[str, Any]] = {}
         self._summaries: Dict[Tuple[Any, ...], Dict[str, Any]] = {}
+
+    @property
+    def settle_ns(self) -> int:
+        if self._settle is None:
+            self._settle = settle_ns(self.jobs_dir)
+        return self._settle
 
     def snapshot(self) -> Snapshot:
         """The operations as the folders hold them now."""
