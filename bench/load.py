@@ -102,18 +102,23 @@ class Gunicorn:
 def http_request(base: str, method: str, path: str, body: Optional[str] = None,
                  timeout: float = 30) -> tuple:
     """(status, parsed JSON body or None, Location header) of one request on a new connection."""
+    status, raw, location = http_raw(base, method, path, body, timeout)
+    try:
+        doc = json.loads(raw) if raw else None
+    except ValueError:
+        doc = None
+    return status, doc, location
+
+
+def http_raw(base: str, method: str, path: str, body: Optional[str] = None, timeout: float = 30) -> tuple:
+    """(status, body bytes, Location header) of one request on a new connection."""
     host, port = base.split("//")[1].split(":")
     conn = http.client.HTTPConnection(host, int(port), timeout=timeout)
     try:
         headers = {"Content-Type": "application/json"} if body is not None else {}
         conn.request(method, path, body=body, headers=headers)
         response = conn.getresponse()
-        raw = response.read()
-        try:
-            doc = json.loads(raw) if raw else None
-        except ValueError:
-            doc = None
-        return response.status, doc, response.getheader("Location")
+        return response.status, response.read(), response.getheader("Location")
     finally:
         conn.close()
 
