@@ -1,39 +1,46 @@
-"""pg-backup-api benchmark: synthetic operation histories, gunicorn, wrk, one table. See bench/README.md."""
+"""pg-backup-api benchmark: synthetic operation histories, gunicorn, wrk, one table. See bench/README.md.
+
+data.py builds the Barman home through the store's own code, load.py runs gunicorn and the load
+generator, report.py prints the table; this file holds the scenarios.
+"""
 
 from __future__ import annotations
 
 import argparse
-import getpass
-import http.client
 import json
-import os
-import platform
-import re
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
-import textwrap
 import threading
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
-from datetime import datetime, timedelta, timezone
+from dataclasses import dataclass, replace
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Optional
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
-ROOT = Path(__file__).resolve().parents[1]
-WRK_SCRIPT = Path(__file__).resolve().parent / "wrk.lua"
-PACKAGED_CONF = ROOT / "packaging" / "gunicorn.conf.py"
-VENV_BIN = Path(sys.executable).parent
-HOST = "127.0.0.1"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from data import BACKUP_IDS, Fixture, ScrapeFixture, arriving  # noqa: E402
+from load import (  # noqa: E402
+    PACKAGED_CONF,
+    ROOT,
+    VENV_BIN,
+    Gunicorn,
+    Load,
+    PythonClient,
+    Result,
+    Wrk,
+    http_request,
+    open_streams,
+    stream_alive,
+)
+from report import Row, Target, cpu_busy, machine_line, print_table  # noqa: E402
+
 # An ssh target that fails at once: nothing listens on port 1, so barman stops at its first ssh call.
 FAILING_SSH = "ssh -p 1 postgres@127.0.0.1"
-BACKUP_IDS = ("20261120T010000", "20261121T010000", "20261122T010000")
 
 
 @dataclass(frozen=True)
@@ -55,588 +62,23 @@ class Plan:
     scrape_backups: int
     scrape_operations: int
     cold_starts: int  # first scrapes measured, each after a fresh start of gunicorn
+    index_sizes: tuple  # the index scenario: a mid-sized and a big history
 
     @classmethod
     def make(cls, quick: bool) -> "Plan":
         if quick:
-            return cls(True, (0, 10, 100), (1, 100), 1, 1, 1, 1, 250, 2, 1000, 1, 5, 10, 100, 1)
-        return cls(False, (0, 1000, 10000), (1, 1000, 10000), 5, 3, 2, 8, 250, 30, 100_000, 5, 5, 100, 10_000, 3)
-
-
-# -- the synthetic Barman home -------------------------------------------------------------
-
-@dataclass
-class Fixture:
-    """A real barman.conf, one Barman server per history size, and the operations on disk."""
-
-    root: Path
-    sizes: tuple
-    conf: Path = field(init=False)
-    home: Path = field(init=False)
-    ids: Dict[int, List[str]] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        self.conf = self.root / "barman.conf"
-        self.home = self.root / "home"
-        conf_dir = self.root / "barman.d"
-        self.home.mkdir()
-        conf_dir.mkdir()
-        self.conf.write_text(textwrap.dedent(f"""\
-            [barman]
-            barman_home = {self.home}
-            barman_user = {getpass.getuser()}
-            configuration_files_directory = {conf_dir}
-            log_file = {self.root}/barman.log
-            """))
-        for n in self.sizes:
-            server = self.server(n)
-            (conf_dir / f"{server}.conf").write_text(textwrap.dedent(f"""\
-                [{server}]
-                description = "benchmark server with {n} operations"
-                conninfo = host=/nonexistent dbname=postgres
-                streaming_conninfo = host=/nonexistent
-                backup_method = postgres
-                streaming_archiver = on
-                slot_name = barman
-                """))
-            self._backups(server)
-            self.ids[n] = self._operations(server, n)
-
-    @staticmethod
-    def server(n: int) -> str:
-        return f"n{n}"
-
-    def _backups(self, server: str) -> None:
-        meta = self.home / server / "meta"
-        meta.mkdir(parents=True)
-        for backup_id in BACKUP_IDS:
-            begin = datetime.strptime(backup_id, "%Y%m%dT%H%M%S")
-            (meta / f"{backup_id}-backup.info").write_text(
-                f"backup_id={backup_id}\nstatus=DONE\n"
-                f"begin_time={begin:%Y-%m-%d %H:%M:%S}.000000+00:00\n"
-                f"end_time={begin:%Y-%m-%d %H:%M}:02.000000+00:00\n")
-
-    def _operations(self, server: str, n: int) -> List[str]:
-        """*n* ended recoveries in the on-disk format of the reference (plus our `state` and side files)."""
-        jobs, outputs = self.home / server / "jobs", self.home / server / "output"
-        jobs.mkdir()
-        outputs.mkdir()
-        first = datetime(2026, 11, 1, tzinfo=timezone.utc) - timedelta(minutes=30 * n)
-        made: List[str] = []
-        moment = first
-        while len(made) < n:
-            moment += timedelta(minutes=30)
-            base = moment.strftime("%Y%m%dT%H%M%S")
-            # Every 50th second holds two operations: the second one has the `-2` suffix.
-            for op_id in ([base, f"{base}-2"] if len(made) % 50 == 49 else [base])[:n - len(made)]:
-                self._write_operation(jobs, outputs, op_id, moment, ok=len(made) % 10 != 3)
-                made.append(op_id)
-        return made
-
-    @staticmethod
-    def _write_operation(jobs: Path, outputs: Path, op_id: str, start: datetime, ok: bool) -> None:
-        job = {"backup_id": "latest", "destination_directory": f"/srv/restore/{op_id}",
-               "remote_ssh_command": "ssh postgres@db2.example.org", "resolved_backup_id": BACKUP_IDS[-1],
-               "operation_type": "recovery", "start_time": start.isoformat(timespec="microseconds")}
-        lines = [f"Starting remote restore for server pg using backup {BACKUP_IDS[-1]}",
-                 f"Destination directory: /srv/restore/{op_id}",
-                 "Copying the base backup.", "Copying required WAL segments.",
-                 "Generating archive status files", "Identify dangerous settings in destination directory.",
-                 "", "Restore operation completed (start time: 2026-11-01 00:00:00, elapsed time: 11 seconds)",
-                 "Your PostgreSQL server has been successfully prepared for recovery!"]
-        output = {**job, "success": ok,
-                  "end_time": (start + timedelta(seconds=12)).isoformat(timespec="microseconds"),
-                  "output": "\n".join(lines * 3 if ok else lines[:2] + ["ERROR: rsync error (code 12)"]) + "\n",
-                  "exit_code": 0 if ok else 1, "state": "succeeded" if ok else "failed"}
-        if not ok:
-            output["reason"] = "barman exited with code 1"
-        for directory, doc in ((jobs, job), (outputs, output)):
-            path = directory / f"{op_id}.json"
-            path.write_text(json.dumps(doc, indent=2) + "\n")
-            path.chmod(0o640)
-        # What this service's worker leaves for each operation, in jobs/.workers/: its log,
-        # barman's output so far, and its identity.
-        workers = jobs / ".workers"
-        workers.mkdir(exist_ok=True)
-        (workers / f"{op_id}.log").write_text(f"{start:%Y-%m-%d %H:%M:%S},000 4242 INFO pg_backup_api.runner: "
-                                              f"operation {op_id}: running barman restore\n")
-        (workers / f"{op_id}.out").write_text(output["output"])
-        (workers / f"{op_id}.worker").write_text(json.dumps({"pid": 4242, "start_ticks": 1000, "boot_id": "x"}))
-
-    def sample_ids(self, n: int, count: int = 64) -> List[str]:
-        ids = self.ids[n]
-        step = max(1, len(ids) // count)
-        return ids[::step][:count]
-
-    def pending(self, server: str) -> int:
-        """Operations of *server* whose worker has not recorded an end yet."""
-        jobs = {p.stem for p in (self.home / server / "jobs").glob("*.json")}
-        ended = {p.stem for p in (self.home / server / "output").glob("*.json")}
-        return len(jobs - ended)
-
-
-@dataclass
-class ScrapeFixture:
-    """What /metrics reads on a real Barman host: servers with a backup history and archived WAL, ended
-    operations, and one recovery still running (its worker a `sleep` this benchmark started), to follow."""
-
-    root: Path
-    servers: int
-    backups: int
-    operations: int
-    conf: Path = field(init=False)
-    home: Path = field(init=False)
-    running: str = "20261130T000000"
-    sleeper: Optional[subprocess.Popen] = None
-
-    def __post_init__(self) -> None:
-        self.root.mkdir()
-        self.conf = self.root / "barman.conf"
-        self.home = self.root / "home"
-        conf_dir = self.root / "barman.d"
-        self.home.mkdir()
-        conf_dir.mkdir()
-        self.conf.write_text(textwrap.dedent(f"""\
-            [barman]
-            barman_home = {self.home}
-            barman_user = {getpass.getuser()}
-            configuration_files_directory = {conf_dir}
-            log_file = {self.root}/barman.log
-            """))
-        per_server = self.operations // self.servers
-        for no in range(1, self.servers + 1):
-            server = f"m{no}"
-            (conf_dir / f"{server}.conf").write_text(
-                f"[{server}]\ndescription = \"scrape benchmark\"\nconninfo = host=/nonexistent dbname=postgres\n"
-                "streaming_conninfo = host=/nonexistent\nbackup_method = postgres\nstreaming_archiver = on\n"
-                "slot_name = barman\n")
-            self._history(server)
-            jobs, outputs = self.home / server / "jobs", self.home / server / "output"
-            jobs.mkdir()
-            outputs.mkdir()
-            first = datetime(2026, 11, 1, tzinfo=timezone.utc) - timedelta(minutes=30 * per_server)
-            for i in range(per_server):
-                start = first + timedelta(minutes=30 * i)
-                Fixture._write_operation(jobs, outputs, start.strftime("%Y%m%dT%H%M%S"), start, ok=i % 10 != 3)
-        # Fresh `barman check` results, so that no scrape starts the background refresh (it would run
-        # `barman check` against servers that do not exist and take the CPU the scrapes are measured on).
-        checks = self.home / "jobs" / ".metrics"
-        checks.mkdir(parents=True)
-        (checks / "checks.json").write_text(json.dumps({"time": time.time(), "duration_s": 1.0, "servers": {
-            f"m{no}": {"postgresql": 1, "wal_level": 1, "backup_maximum_age": 1}
-            for no in range(1, self.servers + 1)}}))
-
-    def _history(self, server: str) -> None:
-        """One DONE backup a day, ten WAL segments archived after each."""
-        meta, wals = self.home / server / "meta", self.home / server / "wals"
-        meta.mkdir(parents=True)
-        wals.mkdir()
-        first = datetime(2026, 11, 30, 1, tzinfo=timezone.utc) - timedelta(days=self.backups)
-        xlog = []
-
-        def segment(n: int) -> str:
-            return f"00000001{n // 256:08X}{n % 256:08X}"
-
-        for i in range(self.backups):
-            begin = first + timedelta(days=i)
-            backup_id = begin.strftime("%Y%m%dT%H%M%S")
-            (meta / f"{backup_id}-backup.info").write_text(
-                f"backup_id={backup_id}\nstatus=DONE\nmode=postgres\nserver_name={server}\n"
-                f"begin_time={begin:%Y-%m-%d %H:%M:%S}.000000+00:00\n"
-                f"end_time={begin + timedelta(minutes=20):%Y-%m-%d %H:%M:%S}.000000+00:00\n"
-                f"begin_wal={segment(10 * i)}\nend_wal={segment(10 * i)}\ntimeline=1\nversion=150018\n"
-                f"size={30_000_000 + i}\nxlog_segment_size=16777216\n"
-                "copy_stats={'copy_time': 12.5, 'total_time': 13.0}\n")
-            for w in range(10):
-                archived = begin + timedelta(minutes=5 + 140 * w)
-                xlog.append(f"{segment(10 * i + w)} 16777216 {archived.timestamp()} None")
-        (wals / f"{server}-xlog.db").write_text("\n".join(xlog) + "\n")
-
-    def start_running_operation(self) -> str:
-        """A recovery of m1 that runs for as long as the benchmark: its worker is a sleep. Its path."""
-        sys.path.insert(0, str(ROOT))
-        from pg_backup_api import processes
-
-        jobs = self.home / "m1" / "jobs"
-        self.sleeper = subprocess.Popen(["sleep", "3600"], stdin=subprocess.DEVNULL, start_new_session=True)
-        job = {"backup_id": "latest", "destination_directory": "/srv/restore/following",
-               "remote_ssh_command": "ssh postgres@db2.example.org", "resolved_backup_id": "20261129T010000",
-               "operation_type": "recovery", "start_time": datetime.now(timezone.utc).isoformat()}
-        (jobs / f"{self.running}.json").write_text(json.dumps(job))
-        (jobs / ".workers" / f"{self.running}.out").write_text("Starting remote restore for server m1\n")
-        (jobs / ".workers" / f"{self.running}.worker").write_text(
-            json.dumps(processes.identity(self.sleeper.pid).to_json()))
-        return f"/servers/m1/operations/{self.running}/output?follow=1"
-
-    def stop(self) -> None:
-        if self.sleeper is not None and self.sleeper.poll() is None:
-            self.sleeper.kill()
-            self.sleeper.wait()
-
-
-# -- the service under test ----------------------------------------------------------------
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return s.getsockname()[1]
-
-
-class Gunicorn:
-    """The service under gunicorn on a loopback port, with this checkout's code.
-
-    2 sync workers as the reference was measured, or with *packaged*, the checkout's
-    packaging/gunicorn.conf.py as deployed (its log files in the benchmark's folder).
-    """
-
-    def __init__(self, fixture: Fixture, packaged: bool = False, workers: int = 2) -> None:
-        self.port = free_port()
-        self.url = f"http://{HOST}:{self.port}"
-        self.log = fixture.root / "gunicorn.log"
-        # A service configuration of our own, so that one in /etc (tokens, allowlists) stays out of it.
-        service_conf = fixture.root / "pg-backup-api.conf"
-        service_conf.write_text("[api]\n")
-        self.env = {**os.environ, "PG_BACKUP_API_BARMAN_CONF": str(fixture.conf),
-                    "PG_BACKUP_API_CONFIG": str(service_conf),
-                    "PYTHONPATH": str(ROOT), "PATH": f"{VENV_BIN}:{os.environ.get('PATH', '/usr/bin:/bin')}"}
-        argv = [str(VENV_BIN / "gunicorn"), "--workers", str(workers), "--worker-class", "sync",
-                "--bind", f"{HOST}:{self.port}", "pg_backup_api.app:application"]
-        if packaged:
-            self.env.update(PG_BACKUP_API_BIND=f"{HOST}:{self.port}", PG_BACKUP_API_WORKERS=str(workers),
-                            PG_BACKUP_API_LOG_DIR=str(fixture.root))
-            argv = [str(VENV_BIN / "gunicorn"), "-c", str(PACKAGED_CONF), "pg_backup_api.app:application"]
-        with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen(argv, cwd=fixture.root, env=self.env, stdin=subprocess.DEVNULL,
-                                         stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                break
-            try:
-                if http_request(self.url, "GET", "/status")[0] == 200 and len(self.worker_pids()) == workers:
-                    return
-            except OSError:
-                pass
-            time.sleep(0.1)
-        self.stop()
-        raise SystemExit(f"bench: gunicorn did not start; its log:\n{self.log.read_text()[-4000:]}")
-
-    def worker_pids(self) -> List[int]:
-        pids = []
-        for entry in os.listdir("/proc"):
-            if entry.isdigit():
-                try:
-                    status = Path(f"/proc/{entry}/status").read_text()
-                except OSError:
-                    continue
-                if re.search(rf"^PPid:\s+{self.proc.pid}$", status, re.M):
-                    pids.append(int(entry))
-        return sorted(pids)
-
-    def worker_rss_mb(self) -> Dict[int, float]:
-        rss = {}
-        for pid in self.worker_pids():
-            match = re.search(r"^VmRSS:\s+(\d+) kB", Path(f"/proc/{pid}/status").read_text(), re.M)
-            rss[pid] = int(match.group(1)) / 1024 if match else float("nan")
-        return rss
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
-
-
-def http_request(base: str, method: str, path: str, body: Optional[str] = None,
-                 timeout: float = 30) -> tuple:
-    """(status, parsed JSON body or None, Location header) of one request on a new connection."""
-    host, port = base.split("//")[1].split(":")
-    conn = http.client.HTTPConnection(host, int(port), timeout=timeout)
-    try:
-        headers = {"Content-Type": "application/json"} if body is not None else {}
-        conn.request(method, path, body=body, headers=headers)
-        response = conn.getresponse()
-        raw = response.read()
-        try:
-            doc = json.loads(raw) if raw else None
-        except ValueError:
-            doc = None
-        return response.status, doc, response.getheader("Location")
-    finally:
-        conn.close()
-
-
-# -- load generation -----------------------------------------------------------------------
-
-@dataclass
-class Load:
-    """One kind of traffic: GET some paths in turn, or POST a body ("@N@" unique per request)."""
-
-    name: str
-    paths: List[str]
-    connections: int = 1
-    expected: int = 200
-    body: Optional[str] = None  # a POST when set; paths[0] is its path
-    pace_ms: int = 0  # a pause before each request of a connection
-
-
-@dataclass
-class Result:
-    requests: int
-    seconds: float
-    p50_ms: float
-    p99_ms: float
-    max_ms: float
-    socket_errors: int
-    timeouts: int
-    unexpected: int  # responses whose status is not the expected one
-    not_found: int
-
-    @property
-    def rps(self) -> float:
-        return self.requests / self.seconds if self.seconds else 0.0
-
-    @staticmethod
-    def median(results: List["Result"]) -> "Result":
-        def med(attr: str) -> float:
-            return statistics.median(getattr(r, attr) for r in results)
-
-        return Result(sum(r.requests for r in results), sum(r.seconds for r in results), med("p50_ms"),
-                      med("p99_ms"), max(r.max_ms for r in results), sum(r.socket_errors for r in results),
-                      sum(r.timeouts for r in results), sum(r.unexpected for r in results),
-                      sum(r.not_found for r in results))
-
-
-class Wrk:
-    name = "wrk"
-
-    def __init__(self, workdir: Path) -> None:
-        self.workdir = workdir
-        version = subprocess.run(["wrk", "--version"], capture_output=True, text=True).stdout
-        self.version = (version.split()[1:2] or ["?"])[0]
-
-    def run(self, url: str, load: Load, seconds: int) -> Result:
-        script = self.workdir / f"wrk-{load.pace_ms}.lua"
-        if not script.exists():
-            text = WRK_SCRIPT.read_text()
-            if load.pace_ms:  # wrk pauses before a request only when the script has a delay()
-                text += f"\nfunction delay() return {load.pace_ms} end\n"
-            script.write_text(text)
-        mode = ["post", str(load.expected), load.paths[0], load.body] if load.body else \
-            ["get", str(load.expected), *load.paths]
-        argv = ["wrk", "-t1", f"-c{load.connections}", f"-d{seconds}s", "--timeout", "10s",
-                "-s", str(script), url, "--", *mode]
-        proc = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 60)
-        line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("BENCH_RESULT ")), None)
-        if proc.returncode != 0 or line is None:
-            raise SystemExit(f"bench: wrk failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
-        doc = json.loads(line.split(" ", 1)[1])
-        return Result(doc["requests"], doc["duration_us"] / 1e6, doc["p50_us"] / 1000, doc["p99_us"] / 1000,
-                      doc["max_us"] / 1000, doc["socket_errors"], doc["timeouts"], doc["unexpected"],
-                      doc["not_found"])
-
-
-class PythonClient:
-    """The fallback when wrk is missing: closed loop, one thread and one connection per request each."""
-
-    name = "python client"
-    version = platform.python_version()
-
-    def run(self, url: str, load: Load, seconds: int) -> Result:
-        latencies: List[float] = []
-        counts = {"socket_errors": 0, "timeouts": 0, "unexpected": 0, "not_found": 0}
-        lock = threading.Lock()
-        deadline = time.monotonic() + seconds
-
-        def connection(no: int) -> None:
-            sent = 0
-            while time.monotonic() < deadline:
-                if load.pace_ms:
-                    time.sleep(load.pace_ms / 1000)
-                sent += 1
-                if load.body:
-                    path, body, method = load.paths[0], load.body.replace("@N@", f"{no}-{sent}"), "POST"
-                else:
-                    path, body, method = load.paths[(sent - 1) % len(load.paths)], None, "GET"
-                start = time.perf_counter()
-                try:
-                    status = http_request(url, method, path, body, timeout=10)[0]
-                except socket.timeout:
-                    key = "timeouts"
-                except OSError:
-                    key = "socket_errors"
-                else:
-                    key = "unexpected" if status != load.expected else ""
-                elapsed = time.perf_counter() - start
-                with lock:
-                    latencies.append(elapsed)
-                    if key:
-                        counts[key] += 1
-                    if key == "unexpected" and status == 404:
-                        counts["not_found"] += 1
-
-        started = time.monotonic()
-        threads = [threading.Thread(target=connection, args=(i + 1,)) for i in range(load.connections)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        return latency_result(latencies, time.monotonic() - started, **counts)
-
-
-def latency_result(latencies: List[float], seconds: float, **counts: int) -> Result:
-    ordered = sorted(latencies) or [0.0]
-
-    def pct(p: float) -> float:
-        return ordered[min(len(ordered) - 1, int(p / 100 * len(ordered)))] * 1000
-
-    return Result(len(latencies), seconds, pct(50), pct(99), ordered[-1] * 1000, **counts)
-
-
-def open_streams(base: str, path: str, count: int, attempts: int = 200) -> "tuple[List[socket.socket], int]":
-    """*count* open event streams of *path* (their headers read, the sockets kept) and how many 429s it took.
-
-    gunicorn's workers take connections as they come, so one worker may refuse (429) while the other
-    has room: a refused stream is asked for again.
-    """
-    host, port = base.split("//")[1].split(":")
-    streams: List[socket.socket] = []
-    refused = 0
-    for _ in range(attempts):
-        if len(streams) == count:
-            return streams, refused
-        sock = socket.create_connection((host, int(port)), timeout=10)
-        sock.sendall(f"GET {path} HTTP/1.1\r\nHost: {host}\r\nAccept: text/event-stream\r\n\r\n".encode())
-        head = b""
-        while b"\r\n\r\n" not in head:
-            chunk = sock.recv(4096)
-            if not chunk:
-                break
-            head += chunk
-        status = head.split(b" ", 2)[1] if head.count(b" ") >= 2 else b"?"
-        if status == b"200":
-            streams.append(sock)
-        else:
-            sock.close()
-            if status != b"429":
-                raise SystemExit(f"bench: following {path} answered {head[:200]!r}")
-            refused += 1
-            time.sleep(0.05)
-    for sock in streams:
-        sock.close()
-    raise SystemExit(f"bench: could not open {count} streams of {path} in {attempts} attempts")
-
-
-def stream_alive(sock: socket.socket) -> bool:
-    """The server has not closed this stream (what it sent meanwhile is read and dropped)."""
-    sock.setblocking(False)
-    try:
-        while True:
-            if not sock.recv(65536):
-                return False
-    except BlockingIOError:
-        return True
-    except OSError:
-        return False
-
-
-# -- the report ----------------------------------------------------------------------------
-
-@dataclass
-class Target:
-    text: str
-    check: Callable[["Row"], bool]
-
-
-@dataclass
-class Row:
-    scenario: str
-    ops: str
-    connections: str
-    result: Optional[Result] = None
-    reference: str = ""
-    target: Optional[Target] = None
-    note: str = ""
-    values: Dict[str, Any] = field(default_factory=dict)
-
-    def verdict(self, quick: bool) -> str:
-        if self.target is None:
-            return ""
-        if quick:
-            return "(quick)"
-        return "met" if self.target.check(self) else "MISSED"
-
-
-def fmt(value: float, digits: int = 2) -> str:
-    if value >= 100:
-        return f"{value:,.0f}"
-    return f"{value:.{digits}f}"
-
-
-def print_table(rows: List[Row], quick: bool) -> None:
-    header = ["scenario", "ops on disk", "conns", "p50 ms", "p99 ms", "req/s", "errors/non-2xx",
-              "reference", "target", "verdict"]
-    table = [header]
-    for row in rows:
-        r = row.result
-        cells = [row.scenario, row.ops, row.connections]
-        if r is not None:
-            bad = r.socket_errors + r.timeouts + r.unexpected
-            cells += [fmt(r.p50_ms), fmt(r.p99_ms), fmt(r.rps, 0), f"{bad} of {r.requests:,}"]
-        else:
-            cells += [row.values.get("p50", ""), row.values.get("p99", ""), "", row.values.get("errors", "")]
-        cells += ["" if quick else row.reference, row.target.text if row.target else "", row.verdict(quick)]
-        table.append(cells)
-    widths = [max(len(str(line[i])) for line in table) for i in range(len(header))]
-    for n, line in enumerate(table):
-        print("| " + " | ".join(str(c).ljust(w) for c, w in zip(line, widths)) + " |")
-        if n == 0:
-            print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
-    for row in rows:
-        if row.note:
-            print(f"  {row.scenario}: {row.note}")
-
-
-def cpu_busy(seconds: float = 1.0) -> float:
-    """Percent of all CPUs busy over *seconds*: what else runs on the machine skews every figure."""
-    def sample() -> tuple:
-        fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-        return sum(fields), fields[3] + fields[4]  # total, idle + iowait
-
-    total0, idle0 = sample()
-    time.sleep(seconds)
-    total1, idle1 = sample()
-    return 100.0 * (1 - (idle1 - idle0) / max(1, total1 - total0))
-
-
-def machine_line(client: Any) -> str:
-    cpu = "?"
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            cpu = line.split(":", 1)[1].strip()
-            break
-    mem_kb = int(re.search(r"MemTotal:\s+(\d+)", Path("/proc/meminfo").read_text()).group(1))
-
-    def version(dist: str) -> str:
-        try:
-            return metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            return "missing"
-
-    return (f"machine: nproc {os.cpu_count()}, CPU {cpu}, {mem_kb / 1024 / 1024:.1f} GiB, "
-            f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, {platform.system()} {platform.release()}, "
-            f"Python {platform.python_version()}, barman {version('barman')}, gunicorn {version('gunicorn')}, "
-            f"Flask {version('flask')}, {client.name} {client.version}")
+            return cls(True, (0, 10, 100), (1, 100), 1, 1, 1, 1, 250, 2, 1000, 1, 5, 10, 100, 1, (10, 100))
+        return cls(False, (0, 1000, 10000), (1, 1000, 10000), 5, 3, 2, 8, 250, 30, 100_000, 5, 5, 100, 10_000, 3,
+                   (10_000, 100_000))
 
 
 # -- the scenarios -------------------------------------------------------------------------
 
 class Bench:
-    def __init__(self, plan: Plan, client: Any, fixture: Fixture, service: Gunicorn) -> None:
+    def __init__(self, plan: Plan, client: Any, fixture: Fixture, service: Gunicorn,
+                 codes: Optional[List[Tuple[str, Path]]] = None) -> None:
         self.plan = plan
+        self.codes = codes or [("after", ROOT)]  # the versions the index scenario runs, each on the same data
         self.client = client
         self.fixture = fixture
         self.service = service
@@ -761,6 +203,73 @@ class Bench:
                 service.stop()
         finally:
             fixture.stop()
+
+    def index(self) -> None:
+        """The operation index: each version (--compare) on the same data, one after the other: the list
+        unchanged and right after a new operation appears, one status, the workers' memory."""
+        saved = self.service
+        try:
+            for label, code in self.codes:
+                self.service = Gunicorn(self.fixture, code=code)
+                try:
+                    self._index_rows(label)
+                finally:
+                    self.service.stop()
+        finally:
+            self.service = saved
+
+    def _index_rows(self, label: str) -> None:
+        mid, big = self.plan.index_sizes
+        judged = label == "after"
+
+        def target(text: str, check: Callable[[Row], bool]) -> Optional[Target]:
+            return Target(text, check) if judged else None
+
+        url = self.service.url
+        started = time.monotonic()
+        for n in (mid, big):  # each worker reads the histories once, at start-up, before it answers
+            for _ in range(4):
+                http_request(url, "GET", f"/servers/{Fixture.server(n)}/operations", timeout=900)
+        self.say(f"{label}: the first lists took {time.monotonic() - started:.1f} s")
+        self.rows.append(Row(f"[{label}] GET /status", "-", "4", self.measure(Load(f"{label}: status c4",
+                                                                                     ["/status"], 4)),
+                             "", target("p50 <= 0.5 ms", lambda r: r.result.p50_ms <= 0.5)))
+        for n in (mid, big):
+            server = Fixture.server(n)
+            path = f"/servers/{server}/operations"
+            self._settle(server)
+            limit = 1.0 if n == mid else None
+            self.rows.append(Row(f"[{label}] list, nothing changed for a second", f"{n:,}", "1",
+                                 self.measure(Load(f"{label}: list, {n} ops, unchanged", [path])), "",
+                                 target("p50 <= 1 ms", lambda r: r.result.p50_ms <= 1.0) if limit else None))
+            # An operation every 50 ms: each request comes within the index's settle time of a change (it
+            # lists jobs/ again) and most find a new name (they read it and extend the listing).
+            with arriving(self.fixture.store(server), 0.05) as counts:
+                busy = self.measure(Load(f"{label}: list, {n} ops, right after a change", [path]))
+            limit = 5.0 if n == mid else 40.0
+            self.rows.append(Row(f"[{label}] list right after a new operation", f"{n:,}", "1", busy, "",
+                                 target(f"p50 <= {limit:g} ms", lambda r, x=limit: r.result.p50_ms <= x),
+                                 note=f"an operation created every 50 ms through the store, the one before it "
+                                      f"ended: {counts['created']} in all, {busy.requests} lists"))
+        server = Fixture.server(big)
+        paths = [f"/servers/{server}/operations/{i}" for i in self.fixture.sample_ids(big)]
+        self.rows.append(Row(f"[{label}] GET one operation's status", f"{big:,}", "1",
+                             self.measure(Load(f"{label}: status of one op, {big} ops", paths)), "",
+                             target("p50 <= 1 ms", lambda r: r.result.p50_ms <= 1.0)))
+        self.client.run(url, Load("rss", [f"/servers/{server}/operations", *paths], 4), self.plan.seconds * 2)
+        worst = max(self.service.worker_rss_mb().values())
+        self.rows.append(Row(f"[{label}] RSS per gunicorn worker", f"{big:,}", "4", None, "",
+                             target("<= 120 MB", lambda r: worst <= 120), values={"p50": f"{worst:.1f} MB"},
+                             note="VmRSS after listing and reading statuses of the big history"))
+
+    def _settle(self, server: str, settle: float = 1.2) -> None:
+        """Wait until the server's folders have not changed for *settle* s."""
+        home = self.fixture.home / server
+        while True:
+            age = time.time() - max(p.stat().st_mtime for p in (home / "jobs", home / "output"))
+            if age > settle:
+                return
+            time.sleep(settle - age)
 
     def _rows_by_size(self, scenario: str) -> List[tuple]:
         return [(int(r.ops.replace(",", "")), r) for r in self.rows if r.scenario == scenario]
@@ -918,7 +427,8 @@ class Bench:
 
 
 SCENARIOS = {"status": "status_endpoint", "operation": "operation_status", "list": "operations_list",
-             "post": "posts", "recovery": "recovery_overhead", "soak": "soak", "rss": "memory", "metrics": "metrics"}
+             "post": "posts", "recovery": "recovery_overhead", "soak": "soak", "rss": "memory", "metrics": "metrics",
+             "index": "index"}
 
 
 def scenario_names(text: str) -> List[str]:
@@ -927,6 +437,15 @@ def scenario_names(text: str) -> List[str]:
     if unknown or not names:
         raise argparse.ArgumentTypeError(f"choose among {', '.join(SCENARIOS)}")
     return names
+
+
+def checkout(rev: str, folder: Path) -> Path:
+    """The package of git revision *rev*, extracted into *folder* (for the index scenario's "before")."""
+    folder.mkdir()
+    archive = subprocess.run(["git", "-C", str(ROOT), "archive", rev, "pg_backup_api"], capture_output=True,
+                             check=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(folder)], input=archive, check=True)
+    return folder
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -946,6 +465,9 @@ def main(argv: Optional[List[str]] = None) -> int:
                         help="instead: a real recovery by hand, through the service and with ssh_multiplex off, "
                              "on loopback and over 20 ms (root; builds tests/sandbox); with --quick one run each, "
                              "loopback only")
+    parser.add_argument("--compare", metavar="REV",
+                        help="the index scenario also runs the package of git revision REV (extracted to the "
+                             "temporary folder), on the same data, before this checkout's")
     parser.add_argument("--runs", type=int, default=3, help="--restore: alternating runs of each way (default 3)")
     args = parser.parse_args(argv)
     if args.restore:
@@ -970,7 +492,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             print(f"bench: the CPUs are {busy_before:.0f}% busy before starting: other work on this machine "
                   "will show in the figures", file=sys.stderr)
         started = time.monotonic()
-        sizes = tuple(sorted(set(plan.list_sizes + plan.status_sizes)))
+        sizes = tuple(sorted(set(plan.list_sizes + plan.status_sizes
+                                 + (plan.index_sizes if "index" in args.only else ()))))
         fixture = Fixture(workdir, sizes)
         print(f"bench: {sum(sizes):,} synthetic operations written in {time.monotonic() - started:.1f} s "
               f"under {workdir}", file=sys.stderr)
@@ -985,7 +508,10 @@ def main(argv: Optional[List[str]] = None) -> int:
                     time.sleep(3600)
             except KeyboardInterrupt:
                 return 0
-        bench = Bench(plan, client, fixture, service)
+        codes = [("after", ROOT)]
+        if args.compare:
+            codes.insert(0, (f"before {args.compare}", checkout(args.compare, workdir / "before")))
+        bench = Bench(plan, client, fixture, service, codes)
         print(machine_line(client))
         for name in args.only:
             getattr(bench, SCENARIOS[name])()

@@ -11,7 +11,6 @@ import hmac
 import json
 import re
 import secrets
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
@@ -19,6 +18,7 @@ from typing import Dict, List, Optional, Tuple
 from pg_backup_api.errors import ApiError
 from pg_backup_api.operations import now_utc, timestamp
 from pg_backup_api.records import write_json_atomic
+from pg_backup_api.reloading import Reloading
 
 SCOPES = ("read", "operate", "admin")  # each includes the ones before it
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
@@ -54,25 +54,17 @@ class TokenFile:
 
     def __init__(self, path: str) -> None:
         self.path = Path(path)
-        self._cache: Tuple[Optional[Tuple[int, int]], Dict[str, Token]] = (None, {})
-        self._lock = threading.Lock()
+        self._tokens: Reloading[Dict[str, Token]] = Reloading(self._read, lambda _: self._stamp())
 
-    def _stamp(self) -> Optional[Tuple[int, int]]:
+    def _stamp(self) -> Optional[Tuple[int, int, int, int]]:
         try:
             st = self.path.stat()
         except FileNotFoundError:
             return None
-        return st.st_mtime_ns, st.st_size
+        return st.st_ino, st.st_mtime_ns, st.st_ctime_ns, st.st_size
 
     def tokens(self) -> Dict[str, Token]:
-        stamp = self._stamp()
-        cached_stamp, tokens = self._cache
-        if stamp == cached_stamp:
-            return tokens
-        with self._lock:
-            tokens = self._read()
-            self._cache = (stamp, tokens)
-        return tokens
+        return self._tokens.get()
 
     def _read(self) -> Dict[str, Token]:
         try:

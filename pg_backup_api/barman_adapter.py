@@ -9,7 +9,6 @@ import re
 import shutil
 import subprocess
 import sys
-import threading
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -28,6 +27,7 @@ from pg_backup_api.errors import (
     NoSuchServer,
     Unprocessable,
 )
+from pg_backup_api.reloading import Reloading
 
 log = logging.getLogger(__name__)
 
@@ -141,37 +141,26 @@ class ConfigSource:
 
     def __init__(self, path: str) -> None:
         self.path = path
-        self._current: Optional[BarmanConfig] = None
-        self._error: Optional[ConfigurationError] = None
-        self._error_fingerprint: Optional[Fingerprint] = None
-        self._lock = threading.Lock()
+        self._config: Reloading[BarmanConfig] = Reloading(self._load, self._files)
+        self._loaded_once = False
 
     def get(self) -> BarmanConfig:
-        current = self._current
-        if current is not None and current.current_fingerprint() == current.fingerprint:
-            return current
-        with self._lock:
-            return self._reload()
+        return self._config.get()
 
-    def _reload(self) -> BarmanConfig:
-        current = self._current
-        if current is not None and current.current_fingerprint() == current.fingerprint:
-            return current  # another thread reloaded while this one waited
+    def _files(self, config: Optional[BarmanConfig]) -> Fingerprint:
         # A failed load is keyed on every file it may have failed on (found by reading the main
         # file raw), whether a load succeeded before or not: changing any of them retries the load.
-        fingerprint = error_fingerprint(self.path)
-        if self._error is not None and fingerprint == self._error_fingerprint:
-            raise self._error
+        return config.current_fingerprint() if config is not None else error_fingerprint(self.path)
+
+    def _load(self) -> BarmanConfig:
         try:
             loaded = load_config(self.path)
         except ConfigurationError as exc:
             log.error("%s", exc.message)
-            self._error, self._error_fingerprint = exc, fingerprint
             raise
-        if current is not None:
+        if self._loaded_once:
             log.info("Barman configuration '%s' changed: reloaded", self.path)
-        self._error = None
-        self._current = loaded
+        self._loaded_once = True
         return loaded
 
 

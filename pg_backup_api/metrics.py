@@ -439,7 +439,7 @@ class Metrics:
             try:
                 store = self.service._store(server)
                 listing = self.service.list_operations(server)["operations"]
-                pending = store.unfinished(listing)
+                pending = store.unfinished()
             except ApiError as exc:
                 log.warning("metrics: cannot list the operations of %s: %s", server or "the instance", exc.message)
                 continue

@@ -36,6 +36,7 @@ from pg_backup_api.errors import (
     NotFound,
     Unprocessable,
 )
+from pg_backup_api.index import Listing
 from pg_backup_api.operations import (
     ADMIN_TYPES,
     INSTANCE_TYPES,
@@ -196,12 +197,20 @@ class Service:
                         ) -> Dict[str, Any]:
         filters = paging.parse_filters(query) if query else None
         store = self._store(server)
-        operations = store.list()
-        for op_id in store.unfinished(operations):
-            self.reconcile_errors += self._reconcile_one(store, op_id)
+        operations = self._reconciled_listing(store).operations()
         if filters is None:
             return {"operations": operations}
         return paging.paged(store, operations, filters)
+
+    def operations_json(self, server: Optional[str]) -> bytes:
+        """The unfiltered listing as JSON, `{"operations": [...]}`: encoded once per change of jobs/."""
+        return self._reconciled_listing(self._store(server)).body()
+
+    def _reconciled_listing(self, store: OperationStore) -> Listing:
+        snapshot = store.index.snapshot()
+        for op_id in snapshot.pending:
+            self.reconcile_errors += self._reconcile_one(store, op_id)
+        return snapshot.listing
 
     def get_operation(self, server: Optional[str], op_id: str) -> Dict[str, Any]:
         store = self._store(server)

@@ -13,15 +13,14 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
-import threading
-import time
 from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Optional
 
 from pg_backup_api import ids
 from pg_backup_api.errors import ApiError, CorruptState, NoSuchOperation
+from pg_backup_api.index import OperationIndex
 
 # Moved to the bottom layer (records); re-exported so the store's callers keep their imports.
 from pg_backup_api.records import (  # noqa: F401
@@ -45,23 +44,7 @@ WORKER_SUFFIX = ".worker"  # who the worker is: pid, start time, boot id
 CANCEL_SUFFIX = ".cancel"  # a cancellation was asked for
 CANCEL_FAILED_SUFFIX = ".cancel-failed"  # processes survived SIGKILL: why, and which
 SIDE_SUFFIXES = (WORKER_LOG_SUFFIX, PROGRESS_SUFFIX, WORKER_SUFFIX, CANCEL_SUFFIX, CANCEL_FAILED_SUFFIX)
-
-# A directory's mtime moves whenever an entry is added or removed, but only at the clock tick
-# the file system uses (a few milliseconds): two changes within one tick share one mtime.
-# So a cached listing is trusted only once its directory has been still for longer than that
-# (on a network file system whose clock runs behind, keep the clocks in sync).
-SETTLE_NS = 1_000_000_000
-
-
-def _settled_stamp(directory: Path) -> Optional[int]:
-    """The directory's mtime, or None if it is missing or changed too recently to trust."""
-    try:
-        mtime = os.stat(directory).st_mtime_ns
-    except FileNotFoundError:
-        return None
-    return mtime if time.time_ns() - mtime > SETTLE_NS else None
-
-
+# errno values that mean "the disk is full" (507) and "this file system cannot be written" (503).
 class OperationStore:
     """The jobs/ and output/ folders of one Barman server, or of the Barman instance."""
 
@@ -71,16 +54,8 @@ class OperationStore:
         self.jobs_dir = root / JOBS_DIR
         self.output_dir = root / OUTPUT_DIR
         self.workers_dir = self.jobs_dir / WORKERS_DIR
-        # Job files are write-once, so a type parsed once is valid for as long as the
-        # file exists: listing then reads only the files it has not seen before.
-        self._types: Dict[str, str] = {}
-        # Output files are write-once too: how an operation ended never changes.
-        self._ends: Dict[str, Dict[str, Any]] = {}
-        # The last listings of jobs/ and output/, valid while their directory is unchanged.
-        self._listing: Tuple[Optional[int], List[Dict[str, str]]] = (None, [])
-        self._ended: Tuple[Optional[int], frozenset] = (None, frozenset())
-        self._pending: Tuple[Optional[list], Optional[frozenset], List[str]] = (None, None, [])
-        self._lock = threading.Lock()
+        # The only cache of what jobs/ and output/ hold; reading a single operation bypasses it.
+        self.index = OperationIndex(self.jobs_dir, self.output_dir, read_state_file)
 
     def job_path(self, op_id: str) -> Path:
         return self.jobs_dir / f"{self._checked(op_id)}.json"
@@ -194,22 +169,9 @@ class OperationStore:
         except FileNotFoundError:
             return ""
 
-    def unfinished(self, operations: Optional[List[Dict[str, str]]] = None) -> List[str]:
-        """Ids that have a job file and no output file yet (of *operations*, a list() already made)."""
-        listing = self.list() if operations is None else operations
-        stamp = _settled_stamp(self.output_dir)
-        cached_stamp, ended = self._ended
-        if stamp is None or stamp != cached_stamp:
-            try:
-                ended = frozenset(n[:-5] for n in os.listdir(self.output_dir) if n.endswith(".json"))
-            except FileNotFoundError:
-                ended = frozenset()
-            self._ended = (stamp, ended)
-        cached_listing, cached_ended, pending = self._pending
-        if cached_listing is not listing or cached_ended is not ended:
-            pending = [o["id"] for o in listing if o["id"] not in ended]
-            self._pending = (listing, ended, pending)
-        return pending
+    def unfinished(self) -> List[str]:
+        """Ids that have a job file and no output file yet, oldest first. The caller must not change it."""
+        return self.index.snapshot().pending
 
     def remove(self, op_id: str) -> None:
         """Forget an operation: its job file first, so it never looks in progress meanwhile."""
@@ -221,18 +183,8 @@ class OperationStore:
                 pass
 
     def end_summary(self, op_id: str) -> Optional[Dict[str, Any]]:
-        """`success` and `state` of an ended operation (cached), None while it runs."""
-        summary = self._ends.get(op_id)
-        if summary is None:
-            try:
-                output = self.read_output(op_id)
-            except CorruptState:
-                return {"success": False, "state": "corrupt"}  # not cached: the operator may fix it
-            if output is None:
-                return None
-            summary = {k: output[k] for k in ("success", "state") if k in output}
-            self._ends[op_id] = summary
-        return summary
+        """`success` and `state` of an ended operation, None while it runs."""
+        return self.index.end_summary(op_id)
 
     def finish(self, op_id: str, result: Dict[str, Any]) -> bool:
         """Record how the operation ended; False if an end was already recorded (the first wins)."""
@@ -245,43 +197,7 @@ class OperationStore:
 
     def list(self) -> List[Dict[str, str]]:
         """[{"id", "type"}] of every operation, oldest first. The caller must not change it."""
-        stamp = _settled_stamp(self.jobs_dir)
-        cached_stamp, listing = self._listing
-        if stamp is not None and stamp == cached_stamp:
-            return listing
-        try:
-            names = os.listdir(self.jobs_dir)
-        except FileNotFoundError:
-            return []
-        found = sorted((n[:-5] for n in names if n.endswith(".json") and ids.is_valid_id(n[:-5])),
-                       key=ids.sort_key)
-        with self._lock:
-            known: Dict[str, str] = {}
-            corrupt_ids = set()
-            for op_id in found:
-                op_type = self._types.get(op_id)
-                if op_type is None:
-                    try:
-                        job = read_state_file(self.job_path(op_id))
-                    except CorruptState as exc:
-                        # Listed, so the client sees it; its status says `corrupt` and why.
-                        log.error("operation %s is corrupt: %s", op_id, exc.message)
-                        corrupt_ids.add(op_id)
-                        known[op_id] = UNKNOWN_TYPE
-                        continue
-                    if job is None:
-                        continue  # removed (pruned) since the directory was read
-                    op_type = str(job.get("operation_type"))
-                known[op_id] = op_type
-            self._types = {i: t for i, t in known.items() if i not in corrupt_ids}
-            listing = [{"id": i, "type": t, "state": "corrupt"} if i in corrupt_ids else {"id": i, "type": t}
-                       for i, t in known.items()]
-            # A corrupt file may be repaired in place, which leaves the directory's mtime alone.
-            self._listing = (None if corrupt_ids else stamp, listing)
-        return listing
-
-
-UNKNOWN_TYPE = "unknown"
+        return self.index.snapshot().listing.operations()
 
 
 def corrupt(exc: CorruptState) -> Dict[str, str]:

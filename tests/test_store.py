@@ -1,7 +1,6 @@
 import json
 import os
 import threading
-import time
 from datetime import datetime, timezone
 
 import pytest
@@ -97,30 +96,8 @@ def test_list_of_a_server_without_operations_is_empty(store):
     assert store.list() == []
 
 
-def _age(directory, seconds):
-    past = time.time() - seconds
-    os.utime(directory, (past, past))
-
-
-def test_a_listing_is_reused_while_the_folder_is_still_and_renewed_when_it_changes(store):
-    a = store.create({"operation_type": "recovery"}, NOW)
-    _age(store.jobs_dir, 10)
-    first = store.list()
-    assert store.list() is first  # unchanged folder: the same listing, no directory read
-    b = store.create({"operation_type": "backup"}, datetime(2026, 11, 28, tzinfo=timezone.utc))
-    assert [o["id"] for o in store.list()] == [a, b]
-
-
-def test_a_folder_changed_within_the_last_second_is_always_read_again(store):
-    store.create({"operation_type": "recovery"}, NOW)
-    first = store.list()
-    assert store.list() is not first
-    assert store.list() == first
-
-
 def test_unfinished_follows_new_output_files(store):
     a = store.create({"operation_type": "recovery"}, NOW)
-    _age(store.jobs_dir, 10)
     assert store.unfinished() == [a]
     store.finish(a, {"success": True})
     assert store.unfinished() == []

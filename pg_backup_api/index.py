@@ -1,0 +1,330 @@
+"""The operation index of one store: what jobs/ and output/ hold, the only cache of operations.
+
+Job and output files are write-once, so what was parsed of a file stays true for as long as its
+name is there: when a folder changes, only the names that appeared or disappeared are read.
+
+A directory's mtime moves on every create and unlink, but only at the file system's clock tick:
+two changes within one tick share one mtime. So a scan is trusted to be complete only when it
+started long enough after that mtime (settle_ns); until then every call lists jobs/ again (one
+listdir, compared with the last one) and reads only the new names.
+"""
+
+from __future__ import annotations
+
+import bisect
+import json
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, FrozenSet, List, Optional, Set, Tuple
+
+from pg_backup_api import ids
+from pg_backup_api.errors import CorruptState
+
+log = logging.getLogger(__name__)
+
+# How long after a folder's mtime a scan must start to have seen every change that mtime stands for.
+# Local file systems stamp with this kernel's clock, coarse by one tick (10 ms at most): 100 ms is
+# ample. Anything else (NFS, CIFS, FUSE: another machine's clock and tick), and a file system that
+# keeps whole seconds, gets 1 s; on a network file system keep the clocks in sync.
+SETTLE_NS = 1_000_000_000
+LOCAL_SETTLE_NS = 100_000_000
+LOCAL_FILE_SYSTEMS = frozenset({"ext2", "ext3", "ext4", "xfs", "btrfs", "tmpfs", "zfs", "f2fs", "bcachefs",
+                                "jfs", "reiserfs", "nilfs2", "overlay"})
+# More new ids than this: list output/ once rather than look up each id's output file.
+PROBE_ONE_BY_ONE = 256
+UNKNOWN_TYPE = "unknown"
+CORRUPT_SUMMARY = {"success": False, "state": "corrupt"}
+_CORRUPT = "\0corrupt"  # what _read_type says of a job file that cannot be read; no JSON type is it
+
+ReadState = Callable[[Path], Optional[Dict[str, Any]]]
+Stamp = Optional[Tuple[int, int]]  # (inode, mtime_ns) of a folder; None when it is missing
+
+
+def _stamp(directory: Path) -> Stamp:
+    try:
+        st = os.stat(directory)
+    except FileNotFoundError:
+        return None
+    return st.st_ino, st.st_mtime_ns
+
+
+def _trusted(stamp: Stamp, scan_started_ns: int, settle_ns: int) -> bool:
+    """A scan that started after *stamp* had settled saw every change that *stamp* stands for."""
+    if stamp is None:
+        return True
+    mtime = stamp[1]
+    return scan_started_ns - mtime > (settle_ns if mtime % 1_000_000_000 else SETTLE_NS)
+
+
+def settle_ns(directory: Path, mountinfo: str = "/proc/self/mountinfo") -> int:
+    """How long after a change a scan of *directory* is trusted, by the type of its file system."""
+    try:
+        mounts = Path(mountinfo).read_text().splitlines()
+    except OSError:
+        return SETTLE_NS
+    path = os.path.realpath(directory)
+    best, fs_type = "", ""
+    for line in mounts:
+        fields = line.split()
+        if "-" not in fields[6:]:
+            continue
+        mount_point = fields[4].replace("\\040", " ")
+        inside = path == mount_point or path.startswith(mount_point.rstrip("/") + "/")
+        if inside and len(mount_point) >= len(best):  # the last of equal ones is mounted on top
+            best, fs_type = mount_point, fields[fields.index("-", 6) + 1]
+    return LOCAL_SETTLE_NS if fs_type in LOCAL_FILE_SYSTEMS else SETTLE_NS
+
+
+class Listing:
+    """The operations in chronological order: a list of dicts and its JSON, each made once, on first use."""
+
+    def __init__(self, order: List[str], types: Dict[str, str], corrupt: FrozenSet[str],
+                 type_json: Dict[str, str], appended_to: Optional["Listing"] = None) -> None:
+        self.ids = order
+        # Shared with the index, which only adds ids this listing does not hold; it copies the dict
+        # before it drops or changes an entry.
+        self._types = types
+        self._type_json = type_json
+        self._corrupt = corrupt
+        # When this listing only adds ids at the end of another, its JSON extends the other's.
+        self._appended_to = appended_to
+        self._operations: Optional[List[Dict[str, str]]] = None
+        self._body: Optional[bytes] = None
+        self._lock = threading.Lock()
+
+    def operations(self) -> List[Dict[str, str]]:
+        """[{"id", "type"}] oldest first; `"state": "corrupt"` when the job file cannot be read. Not to be changed."""
+        if self._operations is None:
+            self._operations = [{"id": i, "type": UNKNOWN_TYPE, "state": "corrupt"} if i in self._corrupt
+                                else {"id": i, "type": self._types[i]} for i in self.ids]
+        return self._operations
+
+    def body(self) -> bytes:
+        """`{"operations": [...]}` as compact JSON and a newline."""
+        if self._body is None:
+            with self._lock:
+                if self._body is None:
+                    self._body = self._encode()
+                    self._appended_to = None
+        return self._body
+
+    def _encode(self) -> bytes:
+        base = self._appended_to
+        if base is not None and base._body is not None and base.ids:
+            added = self.ids[len(base.ids):]
+            return base._body[:-len(b"]}\n")] + b"," + self._entries(added) + b"]}\n"
+        return b'{"operations":[' + self._entries(self.ids) + b"]}\n"
+
+    def _entries(self, order: List[str]) -> bytes:
+        # Ids match ids.ID_PATTERN, so only the types need escaping; _type_json is only ever added to.
+        corrupt = f'"type":{json.dumps(UNKNOWN_TYPE)},"state":"corrupt"'
+        type_json, types = self._type_json, self._types
+        return ",".join([f'{{"id":"{i}",{corrupt}}}' if i in self._corrupt else
+                         f'{{"id":"{i}","type":{type_json[types[i]]}}}' for i in order]).encode()
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """The index at one moment; never changed, replaced when the folders change."""
+
+    listing: Listing
+    pending: List[str]  # ids with a job file and no output file yet, oldest first
+
+
+@dataclass(frozen=True)
+class _State:
+    jobs: Stamp
+    jobs_trusted: bool
+    output: Stamp
+    output_trusted: bool
+    snapshot: Snapshot
+    retry: bool = False  # corrupt job files are read again on each call: they may be repaired in place
+
+    def current(self, jobs: Stamp, output: Stamp) -> bool:
+        return (not self.retry and self.jobs_trusted and self.output_trusted and jobs == self.jobs
+                and output == self.output)
+
+
+@dataclass
+class _Files:
+    """What the index knows of the folders' contents; changed only under the index's lock."""
+
+    names: List[str] = field(default_factory=list)  # the last listing of jobs/, in directory order
+    name_set: Set[str] = field(default_factory=set)
+    types: Dict[str, str] = field(default_factory=dict)  # id -> operation type, of readable job files
+    corrupt: Set[str] = field(default_factory=set)  # ids whose job file cannot be read
+    pending: Set[str] = field(default_factory=set)
+
+
+class OperationIndex:
+    """The operations of one jobs/ and output/ pair, kept up to date by reading only what changed."""
+
+    def __init__(self, jobs_dir: Path, output_dir: Path, read: ReadState, settle: Optional[int] = None) -> None:
+        self.jobs_dir = jobs_dir
+        self.output_dir = output_dir
+        self._read = read
+        self._settle = settle  # found on first use: a worker that never lists never reads the mount table
+        self._files = _Files()
+        self._type_json: Dict[str, str] = {}  # each type as JSON; only ever added to
+        empty = Snapshot(Listing([], {}, frozenset(), self._type_json), [])
+        self._state = _State(None, False, None, False, empty)
+        self._lock = threading.Lock()
+        self._type_names: Dict[str, str] = {}  # one str object per type, shared by every entry
+        # How ended operations ended (`success`, `state`): output files are write-once.
+        self._ends: Dict[str, Dict[str, Any]] = {}
+        self._summaries: Dict[Tuple[Any, ...], Dict[str, Any]] = {}
+
+    @property
+    def settle_ns(self) -> int:
+        if self._settle is None:
+            self._settle = settle_ns(self.jobs_dir)
+        return self._settle
+
+    def snapshot(self) -> Snapshot:
+        """The operations as the folders hold them now."""
+        state = self._state
+        if state.current(_stamp(self.jobs_dir), _stamp(self.output_dir)):
+            return state.snapshot
+        with self._lock:
+            jobs, output = _stamp(self.jobs_dir), _stamp(self.output_dir)
+            state = self._state
+            if state.current(jobs, output):
+                return state.snapshot
+            started = time.time_ns()  # before the folders are read: see _trusted
+            listing, new = state.snapshot.listing, set()
+            if state.retry or not (state.jobs_trusted and jobs == state.jobs):
+                listing, new = self._scan_jobs(listing)
+            files = self._files
+            pending = files.pending
+            if new or not (state.output_trusted and output == state.output):
+                # Output files appear for running operations only: look up theirs, never list output/.
+                ended = self._with_output(pending | new)
+                pending = (pending | new) - ended
+            order = state.snapshot.pending
+            if pending != set(order):
+                order = sorted(pending, key=ids.sort_key)
+                files.pending = pending
+            snapshot = state.snapshot
+            if listing is not snapshot.listing or order is not snapshot.pending:
+                snapshot = Snapshot(listing, order)
+            self._state = _State(jobs, _trusted(jobs, started, self.settle_ns), output,
+                                 _trusted(output, started, self.settle_ns), snapshot,
+                                 bool(files.corrupt))
+            return snapshot
+
+    def _scan_jobs(self, listing: Listing) -> Tuple[Listing, Set[str]]:
+        """The listing after reading what changed in jobs/, and the ids that appeared."""
+        files = self._files
+        try:
+            names = os.listdir(self.jobs_dir)
+        except FileNotFoundError:
+            names = []
+        if names == files.names and not files.corrupt:
+            return listing, set()
+        known = files.name_set
+        fresh = [n for n in names if n not in known]
+        if len(names) - len(fresh) == len(known):  # every known name is still there: nothing was removed
+            current, gone = known, set()
+            current.update(fresh)  # in place: no snapshot holds this set
+        else:
+            current = set(names)
+            gone = {i for i in (n[:-5] for n in known - current if n.endswith(".json"))
+                    if i in files.types or i in files.corrupt}
+        appeared = {n[:-5] for n in fresh if n.endswith(".json") and ids.is_valid_id(n[:-5])}
+        # Copied before an entry is dropped or changed: an older listing may still be encoding it.
+        types, corrupt = files.types, set(files.corrupt)
+        if gone:
+            types = {i: t for i, t in types.items() if i not in gone}
+            corrupt -= gone
+        repaired = False
+        for op_id in sorted(corrupt):  # read again: a corrupt file may be repaired in place
+            op_type = self._read_type(op_id)
+            if op_type == _CORRUPT:
+                continue
+            corrupt.discard(op_id)
+            repaired = True
+            if op_type is None:
+                gone.add(op_id)
+                continue
+            if types is files.types:
+                types = dict(types)
+            types[op_id] = op_type
+        added: Set[str] = set()
+        for op_id in appeared:
+            op_type = self._read_type(op_id)
+            if op_type is None:  # removed (pruned) since the folder was listed: new again if it returns
+                current.discard(f"{op_id}.json")
+                names = []
+                continue
+            if op_type == _CORRUPT:
+                corrupt.add(op_id)
+            else:
+                types[op_id] = op_type  # a new key: no older listing holds it
+            added.add(op_id)
+        files.names, files.name_set = names, current
+        if not (gone or repaired or added):
+            return listing, set()
+        files.types, files.corrupt = types, corrupt
+        files.pending -= gone
+        for op_id in gone:
+            self._ends.pop(op_id, None)
+        return self._reordered(listing, types, frozenset(corrupt), gone, added), added
+
+    def _reordered(self, listing: Listing, types: Dict[str, str], corrupt: FrozenSet[str], gone: Set[str],
+                   appeared: Set[str]) -> Listing:
+        """A new listing: the old order without *gone*, with *appeared* in place (usually at the end)."""
+        order = [i for i in listing.ids if i not in gone] if gone else list(listing.ids)
+        added = sorted(appeared, key=ids.sort_key)
+        if len(added) > len(order):
+            return Listing(sorted(order + added, key=ids.sort_key), types, corrupt, self._type_json)
+        if not gone and added and (not order or ids.sort_key(added[0]) > ids.sort_key(order[-1])):
+            return Listing(order + added, types, corrupt, self._type_json, appended_to=listing)
+        for op_id in added:
+            bisect.insort(order, op_id, key=ids.sort_key)
+        return Listing(order, types, corrupt, self._type_json)
+
+    def _read_type(self, op_id: str) -> Optional[str]:
+        """The job's type; _CORRUPT when its file cannot be read; None when it is gone."""
+        try:
+            job = self._read(self.jobs_dir / f"{op_id}.json")
+        except CorruptState as exc:
+            log.error("operation %s is corrupt: %s", op_id, exc.message)
+            return _CORRUPT
+        if job is None:
+            return None
+        op_type = str(job.get("operation_type"))
+        if op_type not in self._type_json:
+            self._type_json[op_type] = json.dumps(op_type)
+        return self._type_names.setdefault(op_type, op_type)
+
+    def _with_output(self, candidates: Set[str]) -> Set[str]:
+        """Those of *candidates* whose output file exists."""
+        if len(candidates) <= PROBE_ONE_BY_ONE:
+            return {i for i in candidates if os.path.lexists(self.output_dir / f"{i}.json")}
+        try:
+            names = set(os.listdir(self.output_dir))
+        except FileNotFoundError:
+            return set()
+        return {i for i in candidates if f"{i}.json" in names}
+
+    def end_summary(self, op_id: str) -> Optional[Dict[str, Any]]:
+        """`success` and `state` of an ended operation, None while it runs; `corrupt` if unreadable."""
+        summary = self._ends.get(op_id)
+        if summary is None:
+            try:
+                output = self._read(self.output_dir / f"{op_id}.json")
+            except CorruptState:
+                return CORRUPT_SUMMARY  # not kept: the operator may repair it
+            if output is None:
+                return None
+            key = tuple((k, output[k]) for k in ("success", "state") if k in output)
+            try:
+                summary = self._summaries.setdefault(key, dict(key))
+            except TypeError:  # an odd value that cannot be a key: kept as it is
+                summary = dict(key)
+            self._ends[op_id] = summary
+        return summary
