@@ -469,9 +469,18 @@ def main(argv: Optional[List[str]] = None) -> int:
                         help="the index scenario also runs the package of git revision REV (extracted to the "
                              "temporary folder), on the same data, before this checkout's")
     parser.add_argument("--runs", type=int, default=3, help="--restore: alternating runs of each way (default 3)")
+    parser.add_argument("--burst", type=int, metavar="N",
+                        help="with --restore, instead: N recoveries started at once to distinct directories, by hand, "
+                             "through the service and with ssh_multiplex off, loopback only (e.g. 30)")
     args = parser.parse_args(argv)
+    if args.burst is not None and (not args.restore or args.quick or args.burst < 1):
+        parser.error("--burst N (N >= 1) goes with --restore, not with --quick")
     if args.restore:
         sys.path.insert(0, str(Path(__file__).resolve().parent))
+        if args.burst:
+            import burst
+
+            return burst.main(args.burst, strict=args.strict)
         import restore
 
         return restore.main(1 if args.quick else max(1, args.runs), with_latency=not args.quick,

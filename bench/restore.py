@@ -276,19 +276,26 @@ class Service:
             os.killpg(self.proc.pid, signal.SIGTERM)
             self.proc.wait(timeout=30)
 
-    def recover(self, server: str, backup: str, ssh: str, destination: str) -> float:
-        start = time.perf_counter()
+    def post_recovery(self, server: str, backup: str, ssh: str, destination: str) -> str:
         status, doc = http(self.port, "POST", f"/servers/{server}/operations",
                            {"type": "recovery", "backup_id": backup, "remote_ssh_command": ssh,
                             "destination_directory": destination})
         if status != 202:
             raise SystemExit(f"bench: the recovery POST answered {status}: {doc}")
+        return doc["operation_id"]
+
+    def wait(self, server: str, op_id: str, poll: float = 0.05) -> dict:
+        """The operation's status once it has ended."""
         while True:
-            _, state = http(self.port, "GET", f"/servers/{server}/operations/{doc['operation_id']}")
+            _, state = http(self.port, "GET", f"/servers/{server}/operations/{op_id}")
             if state["status"] != "IN_PROGRESS":
-                break
+                return state
             # Polled every 50 ms: each status read costs the service CPU that Barman's ssh would use.
-            time.sleep(0.05)
+            time.sleep(poll)
+
+    def recover(self, server: str, backup: str, ssh: str, destination: str) -> float:
+        start = time.perf_counter()
+        state = self.wait(server, self.post_recovery(server, backup, ssh, destination))
         elapsed = time.perf_counter() - start
         if state["status"] != "DONE":
             raise SystemExit(f"bench: the recovery through the service failed: {state.get('output')}")
@@ -329,13 +336,15 @@ class RestoreBench:
             if (sandbox / ".sandbox").exists():
                 stack.down(sandbox, purge=True)
             shutil.rmtree(sandbox, ignore_errors=True)
-        print(f"recovery: {BY_HAND} / {MUX} / {PLAIN}; medians of {self.runs} alternating runs; "
-              f"{time.monotonic() - started:.0f} s in all")
+        print(f"{self.title()}; {time.monotonic() - started:.0f} s in all")
         for line in self.rows:
             print(line)
         for note in self.notes:
             print(f"  {note}")
         return 1 if self.strict and not self.targets_met else 0
+
+    def title(self) -> str:
+        return f"recovery: {BY_HAND} / {MUX} / {PLAIN}; medians of {self.runs} alternating runs"
 
     def measure_all(self, box: Dict[str, str], sandbox: Path) -> None:
         code = sandbox / "code"
@@ -347,16 +356,18 @@ class RestoreBench:
         service_conf.chmod(0o644)
         services = {MUX: Service(box, code, service_conf, True), PLAIN: Service(box, code, service_conf, False)}
         try:
-            links = [Link("loopback", box["SSH_COMMAND"], Path(box["LOG_DIR"]) / "sshd.log", int(box["SSH_PORT"]))]
-            self.header()
-            self.measure_link(box, links[0], services)
-            if self.with_latency:
-                with delayed_link(box, sandbox) as delayed:
-                    self.notes.append(f"20 ms RTT: {delayed.note}")
-                    self.measure_link(box, delayed, services)
+            self.measure_links(box, sandbox, services)
         finally:
             for service in services.values():
                 service.stop()
+
+    def measure_links(self, box: Dict[str, str], sandbox: Path, services: Dict[str, Service]) -> None:
+        self.header()
+        self.measure_link(box, loopback(box), services)
+        if self.with_latency:
+            with delayed_link(box, sandbox) as delayed:
+                self.notes.append(f"20 ms RTT: {delayed.note}")
+                self.measure_link(box, delayed, services)
 
     def header(self) -> None:
         cells = ["recovery", "link", "runs", "median s", "min-max s", "ssh connections", "x by hand", "target",
@@ -402,15 +413,23 @@ class RestoreBench:
                           + "; ".join(f"{v}: {results[v].connections}" for v in VARIANTS))
 
     def by_hand(self, box: Dict[str, str], ssh: str, destination: str) -> float:
-        argv = ["runuser", "-u", box["BARMAN_USER"], "--", "env", "-i", f"HOME={box['BARMAN_UNIX_HOME']}",
-                f"PATH={VENV}/bin:{box['PGBIN']}:/usr/bin:/bin", f"{VENV}/bin/barman", "-c", box["BARMAN_CONF"],
-                "restore", f"--remote-ssh-command={ssh}", "--", box["BARMAN_SERVER"], box["BACKUP_ID"], destination]
         start = time.perf_counter()
-        done = run(argv, check=False)
+        done = run(by_hand_argv(box, ssh, destination), check=False)
         elapsed = time.perf_counter() - start
         if done.returncode != 0:
             raise SystemExit(f"bench: barman restore by hand failed:\n{done.stdout[-2000:]}{done.stderr[-2000:]}")
         return elapsed
+
+
+def loopback(box: Dict[str, str]) -> Link:
+    return Link("loopback", box["SSH_COMMAND"], Path(box["LOG_DIR"]) / "sshd.log", int(box["SSH_PORT"]))
+
+
+def by_hand_argv(box: Dict[str, str], ssh: str, destination: str) -> List[str]:
+    """`barman restore` as the barman user, with the sandbox's configuration."""
+    return ["runuser", "-u", box["BARMAN_USER"], "--", "env", "-i", f"HOME={box['BARMAN_UNIX_HOME']}",
+            f"PATH={VENV}/bin:{box['PGBIN']}:/usr/bin:/bin", f"{VENV}/bin/barman", "-c", box["BARMAN_CONF"],
+            "restore", f"--remote-ssh-command={ssh}", "--", box["BARMAN_SERVER"], box["BACKUP_ID"], destination]
 
 
 def main(runs: int, with_latency: bool, strict: bool = False) -> int:
