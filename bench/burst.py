@@ -7,6 +7,7 @@ GET /status read every 20 ms while the burst runs. See bench/README.md.
 
 from __future__ import annotations
 
+import math
 import re
 import shutil
 import statistics
@@ -50,7 +51,7 @@ def count_dropped(log: Path, port: int, offset: int) -> int:
 
 def percentile(values: List[float], p: float) -> float:
     ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, round(p / 100 * len(ordered) + 0.5) - 1))]
+    return ordered[max(0, math.ceil(p / 100 * len(ordered)) - 1)]  # nearest rank
 
 
 class StatusPoller:
