@@ -96,8 +96,10 @@ class Burst:
 
 
 def last_line(text: str) -> str:
+    """Barman's last ERROR line (its very last line is often only 'See log file for more details')."""
     lines = [line.strip() for line in (text or "").splitlines() if line.strip()]
-    return lines[-1][:160] if lines else "(no output)"
+    errors = [line for line in lines if line.startswith("ERROR")]
+    return (errors or lines or ["(no output)"])[-1][:160]
 
 
 class BurstBench(RestoreBench):
