@@ -4,14 +4,29 @@ from __future__ import annotations
 
 import getpass
 import textwrap
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import List, Optional, Tuple
+from typing import Any, Callable, List, Optional, Tuple
 
 import pytest
 
 from pg_backup_api import create_app
 from pg_backup_api.settings import Settings
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float = 20.0, interval: float = 0.05,
+             what: str = "condition") -> Any:
+    """Poll *predicate* until it returns something true, and return that."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"{what}: not met within {timeout} s")
 
 
 @dataclass
@@ -101,3 +116,21 @@ def app(barman_files: BarmanFiles, spawned: SpawnRecorder):
 @pytest.fixture
 def client(app):
     return app.test_client()
+
+
+def install_stand_in_barman(tmp_path: Path, monkeypatch: Any, barman_files: BarmanFiles, script: str,
+                            service_conf: str = "[api]\n") -> Path:
+    """A stand-in `barman` (*script*) that the real detached worker runs, with this checkout's package,
+    the service settings *service_conf* (none from /etc) and a DONE backup to recover."""
+    exe = tmp_path / "bin" / "barman"
+    exe.parent.mkdir()
+    exe.write_text(script)
+    exe.chmod(0o755)
+    settings = tmp_path / "pg-backup-api.conf"
+    settings.write_text(service_conf)
+    monkeypatch.setenv("PYTHONPATH", str(ROOT))
+    monkeypatch.setenv("PG_BACKUP_API_BARMAN", str(exe))
+    monkeypatch.setenv("PG_BACKUP_API_CONFIG", str(settings))
+    monkeypatch.setenv("PG_BACKUP_API_BARMAN_CONF", str(barman_files.conf))
+    barman_files.add_backup("20261127T010000")
+    return exe

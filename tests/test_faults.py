@@ -17,6 +17,7 @@ import textwrap
 import threading
 import time
 from datetime import timedelta
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -25,7 +26,8 @@ from pg_backup_api import cli, create_app, processes, runner, service, store
 from pg_backup_api.operations import OperationType, now_utc, timestamp
 from pg_backup_api.settings import Settings
 
-ROOT = Path(__file__).resolve().parent.parent
+from .conftest import ROOT, install_stand_in_barman, wait_for
+
 BODY = {"type": "recovery", "backup_id": "latest", "destination_directory": "/srv/pg/restore",
         "remote_ssh_command": "ssh postgres@db2"}
 
@@ -56,19 +58,8 @@ class FakeBarman:
 
 @pytest.fixture
 def fake_barman(tmp_path, monkeypatch, barman_files) -> FakeBarman:
-    exe = tmp_path / "bin" / "barman"
-    exe.parent.mkdir()
-    exe.write_text(FAKE_BARMAN)
-    exe.chmod(0o755)
-    settings = tmp_path / "pg-backup-api.conf"
-    settings.write_text("[api]\n")
-    # What the detached worker inherits: this checkout's package, the stand-in, no /etc settings.
-    monkeypatch.setenv("PYTHONPATH", str(ROOT))
-    monkeypatch.setenv("PG_BACKUP_API_BARMAN", str(exe))
-    monkeypatch.setenv("PG_BACKUP_API_CONFIG", str(settings))
-    monkeypatch.setenv("PG_BACKUP_API_BARMAN_CONF", str(barman_files.conf))
+    exe = install_stand_in_barman(tmp_path, monkeypatch, barman_files, FAKE_BARMAN)
     monkeypatch.setenv("FAKE_BARMAN_STARTS", str(tmp_path / "barman-starts"))
-    barman_files.add_backup("20261127T010000")
     fake = FakeBarman(exe, tmp_path / "barman-starts", monkeypatch)
     fake.mode("succeed")
     return fake
@@ -85,14 +76,7 @@ def client(real_app):
     return real_app.test_client()
 
 
-def wait_for(predicate, timeout=20):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.02)
-    raise AssertionError("condition not met in time")
+wait_for = partial(wait_for, interval=0.02)
 
 
 def start(client, body=BODY):

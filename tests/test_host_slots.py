@@ -11,6 +11,7 @@ import os
 import signal
 import textwrap
 import time
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -18,7 +19,8 @@ import pytest
 from pg_backup_api import claims, create_app, processes
 from pg_backup_api.settings import Settings
 
-ROOT = Path(__file__).resolve().parent.parent
+from .conftest import install_stand_in_barman, wait_for
+
 BODY = {"type": "recovery", "backup_id": "latest", "remote_ssh_command": "ssh postgres@db2"}
 
 # Notes its start, then copies until the gate named after its destination directory is opened.
@@ -50,21 +52,12 @@ class Gated:
 
 @pytest.fixture
 def gated(tmp_path, monkeypatch, barman_files) -> Gated:
-    exe = tmp_path / "bin" / "barman"
-    exe.parent.mkdir()
-    exe.write_text(GATED_BARMAN)
-    exe.chmod(0o755)
-    settings = tmp_path / "pg-backup-api.conf"
     # What the detached workers read: a limit of 2 per host.
-    settings.write_text("[api]\nmax_recoveries_per_host = 2\n")
-    monkeypatch.setenv("PYTHONPATH", str(ROOT))
-    monkeypatch.setenv("PG_BACKUP_API_BARMAN", str(exe))
-    monkeypatch.setenv("PG_BACKUP_API_CONFIG", str(settings))
-    monkeypatch.setenv("PG_BACKUP_API_BARMAN_CONF", str(barman_files.conf))
+    install_stand_in_barman(tmp_path, monkeypatch, barman_files, GATED_BARMAN,
+                            "[api]\nmax_recoveries_per_host = 2\n")
     fake = Gated(tmp_path)
     monkeypatch.setenv("FAKE_BARMAN_STARTS", str(fake.starts_file))
     monkeypatch.setenv("FAKE_GATE", str(fake.gates))
-    barman_files.add_backup("20261127T010000")
     yield fake
     for destination in ("a", "b", "c", "d"):
         fake.open(f"/srv/pg/{destination}")  # let every worker end
@@ -75,14 +68,7 @@ def client(barman_files, gated):
     return create_app(Settings(barman_conf=str(barman_files.conf), cancel_grace=0.5)).test_client()
 
 
-def wait_for(predicate, timeout=30):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError("condition not met in time")
+wait_for = partial(wait_for, timeout=30)
 
 
 def status(client, op_id):

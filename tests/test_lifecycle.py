@@ -18,6 +18,8 @@ from pg_backup_api.operations import now_utc, timestamp
 from pg_backup_api.runner import operation_marker
 from pg_backup_api.settings import Settings
 
+from .conftest import wait_for
+
 BODY = {"type": "recovery", "backup_id": "latest", "destination_directory": "/srv/pg/restore",
         "remote_ssh_command": "ssh postgres@db2"}
 
@@ -64,16 +66,6 @@ def start(client, body=BODY):
     response = client.post("/servers/pg/operations", json=body)
     assert response.status_code == 202, response.json
     return response.json["operation_id"]
-
-
-def wait_for(predicate, timeout=20):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError("condition not met in time")
 
 
 def status(client, op_id):

@@ -4,17 +4,13 @@ import os
 import signal
 import subprocess
 import time
+from functools import partial
 
 from pg_backup_api import processes
 
+from .conftest import wait_for
 
-def wait_for(predicate, timeout=10):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    raise AssertionError("condition not met in time")
+wait_for = partial(wait_for, timeout=10)
 
 
 def test_identity_names_one_process_for_ever():

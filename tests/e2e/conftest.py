@@ -14,6 +14,7 @@ import tempfile
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional
 
@@ -21,6 +22,7 @@ import pytest
 import requests
 
 from tests import sandbox as stack
+from tests.conftest import wait_for as poll
 
 ROOT = Path(__file__).resolve().parents[2]
 VHOST = ROOT / "apache" / "pg-backup-api.conf"
@@ -36,15 +38,8 @@ def unavailable(reason: str) -> None:
     pytest.skip(f"end-to-end stack unavailable: {reason} (run scripts/bootstrap as root)")
 
 
-def wait_for(predicate, timeout: float = 60.0, interval: float = 0.05, what: str = "condition"):
-    """Poll *predicate* until it returns something true, and return that."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"{what}: not met within {timeout} s")
+# The real stack is slower than a unit test's stand-ins: a minute by default.
+wait_for = partial(poll, timeout=60.0)
 
 
 def free_port() -> int:
