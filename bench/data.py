@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 ROOT = Path(__file__).resolve().parents[1]
 BACKUP_IDS = ("20261120T010000", "20261121T010000", "20261122T010000")
@@ -100,6 +100,21 @@ def arriving(store: Any, period: float) -> Iterator[Dict[str, int]]:
         thread.join()
 
 
+def write_barman_conf(root: Path) -> Tuple[Path, Path, Path]:
+    """barman.conf under *root*, with an empty barman.d/ and Barman's home: (conf, home, conf_dir)."""
+    conf, home, conf_dir = root / "barman.conf", root / "home", root / "barman.d"
+    home.mkdir()
+    conf_dir.mkdir()
+    conf.write_text(textwrap.dedent(f"""\
+        [barman]
+        barman_home = {home}
+        barman_user = {getpass.getuser()}
+        configuration_files_directory = {conf_dir}
+        log_file = {root}/barman.log
+        """))
+    return conf, home, conf_dir
+
+
 @dataclass
 class Fixture:
     """A real barman.conf, one Barman server per history size, and the operations on disk."""
@@ -112,18 +127,7 @@ class Fixture:
     _stores: Dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        self.conf = self.root / "barman.conf"
-        self.home = self.root / "home"
-        conf_dir = self.root / "barman.d"
-        self.home.mkdir()
-        conf_dir.mkdir()
-        self.conf.write_text(textwrap.dedent(f"""\
-            [barman]
-            barman_home = {self.home}
-            barman_user = {getpass.getuser()}
-            configuration_files_directory = {conf_dir}
-            log_file = {self.root}/barman.log
-            """))
+        self.conf, self.home, conf_dir = write_barman_conf(self.root)
         for n in self.sizes:
             server = self.server(n)
             (conf_dir / f"{server}.conf").write_text(textwrap.dedent(f"""\
@@ -198,18 +202,7 @@ class ScrapeFixture:
 
     def __post_init__(self) -> None:
         self.root.mkdir()
-        self.conf = self.root / "barman.conf"
-        self.home = self.root / "home"
-        conf_dir = self.root / "barman.d"
-        self.home.mkdir()
-        conf_dir.mkdir()
-        self.conf.write_text(textwrap.dedent(f"""\
-            [barman]
-            barman_home = {self.home}
-            barman_user = {getpass.getuser()}
-            configuration_files_directory = {conf_dir}
-            log_file = {self.root}/barman.log
-            """))
+        self.conf, self.home, conf_dir = write_barman_conf(self.root)
         per_server = self.operations // self.servers
         for no in range(1, self.servers + 1):
             server = f"m{no}"
