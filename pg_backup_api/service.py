@@ -255,7 +255,7 @@ class Service:
             self._check_policy(server, target)
             # Every path the recovery writes or wipes passes the path rules before anything else is
             # checked of them (a tablespace name the backup lacks is refused next, whatever its path).
-            self._check_effects(server, effects.effects_of(op_type, fields, effects.RecoveryTarget(
+            self._check_effects(config, server, effects.effects_of(op_type, fields, effects.RecoveryTarget(
                 target.host, dict(backup.tablespace_locations),
                 barman_adapter.remote_staging_path(config.server(server), backup))))
             barman_adapter.check_recovery_against_backup(fields, backup)
@@ -277,7 +277,7 @@ class Service:
             barman_adapter.check_version("config_update", (3, 10))
             claim_key, busy = claims.CONFIG_UPDATE_KEY, "a config_update is already running"
         if op_type is not OperationType.RECOVERY:
-            self._check_effects(server, effects.effects_of(op_type, fields))
+            self._check_effects(config, server, effects.effects_of(op_type, fields))
         # Checked, proven, stored and claimed under one hold of the claims' lock.
         with self.claims.locked():
             self.claims.refuse_if_held(claim_key, busy)
@@ -300,9 +300,10 @@ class Service:
                 f"field 'remote_ssh_command': host '{target.alias}'{resolved} is not an allowed recovery target of "
                 f"server '{server}' (allowed: {', '.join(policy.allowed_hosts)})")
 
-    def _check_effects(self, server: Optional[str], found: List[effects.Effect]) -> None:
-        """The path rules, with Barman's home, the server's binaries and its allowed_destinations."""
-        config = self.config_source.get()
+    def _check_effects(self, config: barman_adapter.BarmanConfig, server: Optional[str],
+                       found: List[effects.Effect]) -> None:
+        """The path rules, with Barman's home, the server's binaries and its allowed_destinations, read
+        from the configuration the rest of the request was checked against."""
         rules = effects.PathRules(
             server or "", str(config.barman_home),
             barman_adapter.pg_binaries(config.server(server)) if server else (),
