@@ -9,7 +9,7 @@ from typing import Iterator
 import pytest
 
 from .conftest import Service
-from .test_pitr import archive_current_wal, promoted_copy
+from .test_pitr import promoted_copy, rows_around_a_restore_point
 from .test_security import count_jobs
 
 pytestmark = pytest.mark.e2e
@@ -63,12 +63,7 @@ def test_a_tablespace_location_outside_the_policy_is_refused_before_its_name_is_
 
 def test_a_point_in_time_recovery_staging_wal_inside_the_policy_ends_done_and_postgres_removes_it(
         sandbox, restricted):
-    port = int(sandbox["PGPORT"])
-    sandbox.psql(port, "CREATE TABLE effects_rows (id int PRIMARY KEY)")
-    sandbox.psql(port, "INSERT INTO effects_rows SELECT generate_series(1, 3)")
-    sandbox.psql(port, "SELECT pg_create_restore_point('effects_point')")
-    sandbox.psql(port, "INSERT INTO effects_rows SELECT generate_series(4, 6)")
-    archive_current_wal(sandbox)
+    rows_around_a_restore_point(sandbox, "effects_rows", "effects_point", 3, 6)
 
     server = sandbox["BARMAN_SERVER"]
     destination = sandbox.restore_dir("e2e-effects-pitr")

@@ -85,13 +85,18 @@ def test_a_target_time_before_the_backup_is_refused_at_post_time(sandbox, servic
     assert "before the end of backup" in response.json()["error"]
 
 
-def test_recovery_to_a_named_restore_point(sandbox, service):
+def rows_around_a_restore_point(sandbox, table: str, point: str, before: int, after: int) -> None:
+    """Table *table* with rows 1..*before*, the restore point *point*, then rows up to *after*, archived."""
     port = int(sandbox["PGPORT"])
-    sandbox.psql(port, "CREATE TABLE named_rows (id int PRIMARY KEY)")
-    sandbox.psql(port, "INSERT INTO named_rows SELECT generate_series(1, 5)")
-    sandbox.psql(port, "SELECT pg_create_restore_point('before_the_mistake')")
-    sandbox.psql(port, "INSERT INTO named_rows SELECT generate_series(6, 9)")
+    sandbox.psql(port, f"CREATE TABLE {table} (id int PRIMARY KEY)")
+    sandbox.psql(port, f"INSERT INTO {table} SELECT generate_series(1, {before})")
+    sandbox.psql(port, f"SELECT pg_create_restore_point('{point}')")
+    sandbox.psql(port, f"INSERT INTO {table} SELECT generate_series({before + 1}, {after})")
     archive_current_wal(sandbox)
+
+
+def test_recovery_to_a_named_restore_point(sandbox, service):
+    rows_around_a_restore_point(sandbox, "named_rows", "before_the_mistake", 5, 9)
 
     status = recover_promoted(sandbox, service, sandbox.restore_dir("e2e-pitr-name"), backup_id="latest",
                               target_name="before_the_mistake")
