@@ -17,7 +17,7 @@ T0 = datetime(2026, 11, 27, 9, 32, 1, tzinfo=timezone.utc)
 class CountingStore(OperationStore):
     """A store whose index counts the files it reads."""
 
-    def __init__(self, root):
+    def __init__(self, root, use_watch):
         super().__init__(root, "pg")
         self.reads = []
 
@@ -26,12 +26,15 @@ class CountingStore(OperationStore):
             return read_state_file(path)
 
         # A long settle time, so that "within the tick of the last scan" holds on a slow machine too.
-        self.index = index_module.OperationIndex(self.jobs_dir, self.output_dir, read, settle=5_000_000_000)
+        self.index = index_module.OperationIndex(self.jobs_dir, self.output_dir, read, settle=5_000_000_000,
+                                                 use_watch=use_watch)
 
 
-@pytest.fixture
-def store(tmp_path):
-    return CountingStore(tmp_path / "pg")
+# Every behaviour holds both ways jobs/ is followed: listed when its mtime moves (network file
+# systems), and through the kernel's reports of the names that changed (local ones, inotify).
+@pytest.fixture(params=["listed", "watched"])
+def store(request, tmp_path):
+    return CountingStore(tmp_path / "pg", use_watch=request.param == "watched")
 
 
 def create(store, seconds, op_type="recovery"):
