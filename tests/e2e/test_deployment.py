@@ -445,6 +445,60 @@ def test_gunicorn_confined_as_the_unit_says_serves_and_recovers(sandbox, api):
         assert path.owner() == sandbox["BARMAN_USER"]
 
 
+def descendants(pid: int) -> List[int]:
+    found, todo = [], [pid]
+    while todo:
+        kids = children(todo.pop())
+        found += kids
+        todo += kids
+    return found
+
+
+def inotify_watches(pid: int) -> List[int]:
+    """The inodes *pid*'s inotify instances watch (`inotify wd:.. ino:<hex>` lines of its fdinfo)."""
+    inodes = []
+    for info in Path(f"/proc/{pid}/fdinfo").glob("*"):
+        try:
+            text = info.read_text()
+        except OSError:  # the fd closed meanwhile
+            continue
+        inodes += [int(w.split("ino:")[1].split()[0], 16) for w in text.splitlines() if w.startswith("inotify wd:")]
+    return inodes
+
+
+def test_each_new_operation_is_in_the_very_next_list_whichever_worker_answers(sandbox, api):
+    """jobs/ is followed through inotify in the gunicorn workers: no list misses a job another process wrote."""
+    server = sandbox["BARMAN_SERVER"]
+    jobs = Path(sandbox["BARMAN_HOME"]) / server / "jobs"
+    list_url = f"{api.url}/servers/{server}/operations"
+
+    def listed() -> List[str]:
+        return [o["id"] for o in requests.get(list_url, timeout=30).json()["operations"]]
+
+    posted = []
+    for n in range(6):
+        response = post_recovery(api.url, sandbox, sandbox.restore_dir(f"listed-at-once-{n}"))
+        assert response.status_code == 202, response.text
+        posted.append(response.json()["operation_id"])
+        for _ in range(8):  # 2 workers x 16 threads: these land on both
+            assert posted[-1] in listed()
+    watching = [pid for pid in descendants(api.pid) if os.stat(jobs).st_ino in inotify_watches(pid)]
+    assert watching, "no gunicorn worker watches jobs/"
+    for op_id in posted:
+        assert wait_until_ended(api.url, sandbox, op_id)["status"] == "DONE"
+    # An operator moving an ended operation's files aside, and back: each seen by the next list.
+    aside = jobs.parent / "set-aside"
+    aside.mkdir(exist_ok=True)
+    moved = jobs / f"{posted[0]}.json"
+    moved.rename(aside / moved.name)
+    try:
+        assert all(posted[0] not in listed() for _ in range(8))
+    finally:
+        (aside / moved.name).rename(moved)
+    assert all(posted[0] in listed() for _ in range(8))
+    assert requests.get(f"{list_url}/{posted[0]}", timeout=30).json()["status"] == "DONE"
+
+
 @pytest.mark.parametrize("case", ["missing directory", "directory of root", "read-only log file"])
 def test_gunicorn_logs_to_stderr_when_it_cannot_write_its_log_files(sandbox, work, case):
     log_dir = work / f"logs-{case.replace(' ', '-')}"
