@@ -19,15 +19,18 @@ from __future__ import annotations
 import bisect
 import json
 import logging
+import math
 import os
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, FrozenSet, List, Optional, Set, Tuple
+from typing import Any, Callable, Collection, Dict, FrozenSet, List, NamedTuple, Optional, Set, Tuple
 
 from pg_backup_api import ids, watch
 from pg_backup_api.errors import CorruptState
+from pg_backup_api.operations import parse_time
+from pg_backup_api.records import write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +46,9 @@ LOCAL_FILE_SYSTEMS = frozenset({"ext2", "ext3", "ext4", "xfs", "btrfs", "tmpfs",
 PROBE_ONE_BY_ONE = 256
 UNKNOWN_TYPE = "unknown"
 CORRUPT_SUMMARY = {"success": False, "state": "corrupt"}
+# How ended operations ended, kept for the next process: jobs/.index/ends.json (see OperationIndex.ends).
+ENDS_FOLDER = ".index"
+ENDS_FILE = "ends.json"
 _CORRUPT = "\0corrupt"  # what _read_type says of a job file that cannot be read; no JSON type is it
 
 ReadState = Callable[[Path], Optional[Dict[str, Any]]]
@@ -132,6 +138,16 @@ class Listing:
                          f'{{"id":"{i}","type":{type_json[types[i]]}}}' for i in order]).encode()
 
 
+class End(NamedTuple):
+    """How an ended operation ended, as its (write-once) output file says."""
+
+    summary: Dict[str, Any]  # its `success` and `state`; one dict shared by every equal end
+    duration: Optional[float]  # seconds from its start_time to its end_time; None if either is missing
+
+
+CORRUPT_END = End(CORRUPT_SUMMARY, None)
+
+
 @dataclass(frozen=True)
 class Snapshot:
     """The index at one moment; never changed, replaced when the folders change."""
@@ -183,8 +199,9 @@ class OperationIndex:
         self._state = _State(None, False, None, False, empty)
         self._lock = threading.Lock()
         self._type_names: Dict[str, str] = {}  # one str object per type, shared by every entry
-        # How ended operations ended (`success`, `state`): output files are write-once.
-        self._ends: Dict[str, Dict[str, Any]] = {}
+        # How ended operations ended: output files are write-once.
+        self._ends: Dict[str, End] = {}
+        self._kept_read = False  # whether the ends an earlier process kept were taken in
         self._summaries: Dict[Tuple[Any, ...], Dict[str, Any]] = {}
 
     @property
@@ -353,18 +370,91 @@ class OperationIndex:
 
     def end_summary(self, op_id: str) -> Optional[Dict[str, Any]]:
         """`success` and `state` of an ended operation, None while it runs; `corrupt` if unreadable."""
-        summary = self._ends.get(op_id)
-        if summary is None:
+        end = self.end(op_id)
+        return None if end is None else end.summary
+
+    def end(self, op_id: str) -> Optional[End]:
+        """How the operation ended, None while it runs; CORRUPT_END while its output file is unreadable."""
+        end = self._ends.get(op_id)
+        if end is None:
             try:
                 output = self._read(self.output_dir / f"{op_id}.json")
             except CorruptState:
-                return CORRUPT_SUMMARY  # not kept: the operator may repair it
+                return CORRUPT_END  # not kept: the operator may repair it
             if output is None:
                 return None
-            key = tuple((k, output[k]) for k in ("success", "state") if k in output)
-            try:
-                summary = self._summaries.setdefault(key, dict(key))
-            except TypeError:  # an odd value that cannot be a key: kept as it is
-                summary = dict(key)
-            self._ends[op_id] = summary
-        return summary
+            start, stop = parse_time(output.get("start_time")), parse_time(output.get("end_time"))
+            end = self._ends[op_id] = End(self._summary(tuple((k, output[k]) for k in ("success", "state")
+                                                               if k in output)),
+                                          (stop - start).total_seconds() if start and stop else None)
+        return end
+
+    def _summary(self, key: Tuple[Tuple[str, Any], ...]) -> Dict[str, Any]:
+        try:
+            return self._summaries.setdefault(key, dict(key))
+        except TypeError:  # an odd value that cannot be a key: kept as it is
+            return dict(key)
+
+    @property
+    def ends_path(self) -> Path:
+        return self.jobs_dir / ENDS_FOLDER / ENDS_FILE
+
+    def ends(self, op_ids: Collection[str]) -> Dict[str, End]:
+        """How those of *op_ids* that ended ended (unreadable ones left out), for /metrics.
+
+        Reading every output file again in each new process would make its first scrape slow (0.5 s
+        at 10,000 operations): the first call in a process takes in what earlier ones kept in
+        jobs/.index/ends.json, and a call that had to read output files keeps its answer there. Only
+        an aid: an unreadable or odd file is ignored, and two processes writing it at once lose nothing
+        but a few reads."""
+        if not self._kept_read:
+            self._kept_read = True
+            self._take_kept(op_ids)
+        found: Dict[str, End] = {}
+        read = 0
+        for op_id in op_ids:
+            known = op_id in self._ends
+            end = self.end(op_id)
+            if end is not None and end is not CORRUPT_END:
+                found[op_id] = end
+                read += not known
+        if read:
+            self._keep(found)
+        return found
+
+    def _take_kept(self, op_ids: Collection[str]) -> None:
+        try:
+            kept = json.loads(self.ends_path.read_text())
+        except FileNotFoundError:
+            return
+        except (OSError, ValueError) as exc:
+            log.warning("ignoring %s: %s", self.ends_path, exc)
+            return
+        entries = kept.get("ends") if isinstance(kept, dict) else None
+        if not isinstance(entries, dict):
+            return
+        wanted = op_ids if isinstance(op_ids, (set, frozenset, dict)) else set(op_ids)
+        for op_id, entry in entries.items():
+            if op_id in wanted and op_id not in self._ends and _kept_entry_ok(entry):
+                summary, duration = entry
+                self._ends[op_id] = End(self._summary(tuple((k, summary[k]) for k in ("success", "state")
+                                                           if k in summary)), duration)
+
+    def _keep(self, ends: Dict[str, End]) -> None:
+        document = {"ends": {op_id: [end.summary, end.duration] for op_id, end in ends.items()}}
+        try:
+            self.ends_path.parent.mkdir(exist_ok=True)
+            write_json_atomic(self.ends_path, document, exclusive=False)
+        except OSError as exc:
+            log.warning("cannot keep %s: %s", self.ends_path, exc.strerror or exc)
+
+
+def _kept_entry_ok(entry: Any) -> bool:
+    """`[{"success": bool, "state": str}, seconds or null]`, either key of the summary possibly missing."""
+    if not (isinstance(entry, list) and len(entry) == 2 and isinstance(entry[0], dict)):
+        return False
+    summary, duration = entry
+    return (set(summary) <= {"success", "state"} and isinstance(summary.get("success", False), bool)
+            and isinstance(summary.get("state", ""), str)
+            and (duration is None or (isinstance(duration, (int, float)) and not isinstance(duration, bool)
+                                      and math.isfinite(duration))))

@@ -6,7 +6,8 @@ unchanged; this service's own metrics are prefixed `pgba_`. Everything is derive
 every gunicorn worker answers the same numbers.
 
 Cheap enough to scrape every 15 s: a server's catalogue is read again only when a stat of its
-files changes, ended operations are read once (their files are write-once), and `barman check`
+files changes, how an operation ended is read once (by the store's operation index: output files
+are write-once), and `barman check`
 (which connects to PostgreSQL) runs in a detached process at most every `check_interval`
 seconds, its results kept in a file; a scrape never waits for it.
 """
@@ -29,7 +30,7 @@ from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily, Met
 
 from pg_backup_api import barman_adapter
 from pg_backup_api.errors import ApiError
-from pg_backup_api.operations import State, parse_time
+from pg_backup_api.operations import State
 from pg_backup_api.store import OperationStore, write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -37,7 +38,6 @@ log = logging.getLogger(__name__)
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 METRICS_DIR = ".metrics"
 CHECKS_FILE = "checks.json"
-FACTS_FILE = "ended.json"
 CATALOGUES_FILE = "catalogues.json"
 PENDING_FILE = "checks.pending"
 # Seconds: from a second to a day, the span of Barman's operations.
@@ -54,27 +54,22 @@ class Ended:
     duration: Optional[float]
 
 
+STATES = frozenset(s.value for s in State)
+
+
 class OperationFacts:
-    """The operation counts and durations of one store, rebuilt only when its listing changes.
+    """The operation counts and durations of one store, worked out again only when its listing changes.
 
-    How an operation ended never changes once its output file is written, so the facts of ended
-    operations are also kept in a file (`FactsFile`): a worker that starts reads that one file
-    instead of every output file again.
-    """
+    How each operation ended comes from the store's index (`OperationIndex.ends`), which reads each
+    output file once and keeps what it read for the next process."""
 
-    def __init__(self, known: Optional[Dict[str, Ended]] = None) -> None:
-        self._ended: Dict[str, Ended] = dict(known or {})
+    def __init__(self) -> None:
         self._key: Tuple[Any, ...] = ()
         self._result: Tuple[Dict[Tuple[str, str], int], List[Ended], int] = ({}, [], 0)
-        self.new = 0  # facts read from output files since they were last saved
-
-    @property
-    def ended(self) -> Dict[str, Ended]:
-        return self._ended
 
     def read(self, store: OperationStore, listing: List[Dict[str, str]], pending: List[str]
              ) -> Tuple[Dict[Tuple[str, str], int], List[Ended], int]:
-        """({(type, state): count}, every ended operation, how many run), cached on the listing's identity."""
+        """({(type, state): count}, every ended operation, how many run), for this listing and pending."""
         # The store hands out the same list objects while its folders are unchanged: hold them so
         # their ids stay theirs, and compare by identity.
         key = (listing, pending)
@@ -83,77 +78,20 @@ class OperationFacts:
         running = set(pending)
         counts: Dict[Tuple[str, str], int] = {}
         ended: List[Ended] = []
-        known: Dict[str, Ended] = {}
-        for op in listing:
-            if op["id"] in running:
-                counts[(op["type"], State.RUNNING.value)] = counts.get((op["type"], State.RUNNING.value), 0) + 1
-                continue
-            fact = self._ended.get(op["id"])
-            if fact is None:
-                fact = self._read(store, op["id"], op["type"])
-                self.new += fact is not None
-            if fact is None:
-                continue
-            known[op["id"]] = fact
+        types = {op["id"]: op["type"] for op in listing}
+        for op_id in running.intersection(types):
+            counts[(types[op_id], State.RUNNING.value)] = counts.get((types[op_id], State.RUNNING.value), 0) + 1
+        ends = store.index.ends([op_id for op_id in types if op_id not in running])
+        for op_id, end in ends.items():
+            state = end.summary.get("state")
+            if state not in STATES:
+                state = State.SUCCEEDED.value if end.summary.get("success") else State.FAILED.value
+            fact = Ended(types[op_id], state, end.duration)
             ended.append(fact)
             counts[(fact.op_type, fact.state)] = counts.get((fact.op_type, fact.state), 0) + 1
-        self._ended = known
         self._key = key
         self._result = (counts, ended, len(running))
         return self._result
-
-    @staticmethod
-    def _read(store: OperationStore, op_id: str, op_type: str) -> Optional[Ended]:
-        try:
-            output = store.read_output(op_id)
-        except ApiError as exc:
-            log.warning("metrics: %s", exc.message)
-            return None
-        if output is None:
-            return None
-        state = output.get("state")
-        if state not in {s.value for s in State}:
-            state = State.SUCCEEDED.value if output.get("success") else State.FAILED.value
-        start, end = parse_time(output.get("start_time")), parse_time(output.get("end_time"))
-        duration = (end - start).total_seconds() if start and end else None
-        return Ended(op_type, state, duration)
-
-
-class FactsFile:
-    """`<barman_home>/jobs/.metrics/ended.json`: how each ended operation ended, by server, shared by
-    the workers and kept across restarts. Only a cache: unreadable or odd, it is ignored and rebuilt
-    from the output files; workers that save at once lose nothing but a few reads."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-
-    def load(self) -> Dict[str, Dict[str, Ended]]:
-        try:
-            data = json.loads(self.path.read_text())
-        except FileNotFoundError:
-            return {}
-        except (OSError, ValueError) as exc:
-            log.warning("metrics: ignoring %s: %s", self.path, exc)
-            return {}
-        states = {s.value for s in State}
-        facts: Dict[str, Dict[str, Ended]] = {}
-        servers = data.get("servers") if isinstance(data, dict) else None
-        for label, ops in (servers.items() if isinstance(servers, dict) else ()):
-            if not isinstance(ops, dict):
-                continue
-            facts[label] = {op_id: Ended(item[0], item[1], item[2]) for op_id, item in ops.items()
-                            if isinstance(item, list) and len(item) == 3 and isinstance(item[0], str)
-                            and item[1] in states and (item[2] is None or isinstance(item[2], (int, float)))}
-        return facts
-
-    def save(self, facts: Dict[str, Dict[str, Ended]]) -> None:
-        document = {"servers": {label: {op_id: [f.op_type, f.state, f.duration] for op_id, f in ops.items()}
-                                for label, ops in facts.items()}}
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            write_json_atomic(self.path, document, exclusive=False)
-        except OSError as exc:
-            log.warning("metrics: cannot save %s: %s", self.path, exc.strerror or exc)
 
 
 class CheckResults:
@@ -330,7 +268,6 @@ class Metrics:
         self.catalogues = CatalogueCache(lambda: metrics_dir(service.config_source.get().barman_home) / CATALOGUES_FILE)
         self.checks = CheckResults()
         self._operations: Dict[Optional[str], OperationFacts] = {}
-        self._persisted: Optional[Dict[str, Dict[str, Ended]]] = None  # read once, at the first scrape
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(self)
 
@@ -346,14 +283,6 @@ class Metrics:
         yield from self._barman(config, now)
         yield from self._operations_metrics([None, *config.server_names])
         yield from self._config_changes()
-
-    def _facts_file(self) -> FactsFile:
-        return FactsFile(metrics_dir(self.service.config_source.get().barman_home) / FACTS_FILE)
-
-    def _persisted_facts(self) -> Dict[str, Dict[str, Ended]]:
-        if self._persisted is None:
-            self._persisted = self._facts_file().load()
-        return self._persisted
 
     # -- the exporter's metrics ----------------------------------------------------------------
 
@@ -444,9 +373,7 @@ class Metrics:
                 log.warning("metrics: cannot list the operations of %s: %s", server or "the instance", exc.message)
                 continue
             label = server or INSTANCE
-            facts = self._operations.get(server)
-            if facts is None:
-                facts = self._operations[server] = OperationFacts(self._persisted_facts().get(label))
+            facts = self._operations.setdefault(server, OperationFacts())
             counts, ended, in_progress = facts.read(store, listing, pending)
             for (op_type, state), count in sorted(counts.items()):
                 by_state.add_metric([label, op_type, state], count)
@@ -455,10 +382,6 @@ class Metrics:
             for fact in ended:
                 if fact.duration is not None:
                     durations.setdefault((fact.op_type, fact.state), []).append(fact.duration)
-        if any(facts.new for facts in self._operations.values()):
-            self._facts_file().save({server or INSTANCE: facts.ended for server, facts in self._operations.items()})
-            for facts in self._operations.values():
-                facts.new = 0
         histogram = HistogramMetricFamily("pgba_operation_duration_seconds",
                                           "How long ended operations took, by type and outcome",
                                           labels=["type", "outcome"])

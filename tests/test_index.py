@@ -248,3 +248,69 @@ def test_a_file_system_keeping_whole_seconds_gets_the_long_settle_time():
     assert index_module._trusted((1, fine), whole + 500_000_000, index_module.LOCAL_SETTLE_NS)
     assert not index_module._trusted((1, whole), whole + 500_000_000, index_module.LOCAL_SETTLE_NS)
     assert index_module._trusted((1, whole), whole + 1_500_000_000, index_module.LOCAL_SETTLE_NS)
+
+
+def finish(store, op_id, seconds, state="succeeded"):
+    start = T0.isoformat()
+    store.finish(op_id, {"success": state == "succeeded", "state": state, "start_time": start,
+                         "end_time": (T0 + timedelta(seconds=seconds)).isoformat()})
+
+
+def test_ends_gives_how_each_ended_operation_ended_and_how_long_it_took(store):
+    a, b, running = create(store, 0), create(store, 1), create(store, 2)
+    finish(store, a, 90)
+    finish(store, b, 3, "failed")
+    ends = store.index.ends([a, b, running])
+    assert ends == {a: index_module.End({"success": True, "state": "succeeded"}, 90.0),
+                    b: index_module.End({"success": False, "state": "failed"}, 3.0)}
+
+
+def test_a_new_process_takes_the_ends_kept_by_an_earlier_one_and_reads_no_output_file(store, tmp_path):
+    made = [create(store, s) for s in range(5)]
+    for n, op_id in enumerate(made):
+        finish(store, op_id, n)
+    first = store.index.ends(made)
+    later = CountingStore(store.root, use_watch=False)
+    assert later.index.ends(made) == first
+    assert [r for r in later.reads if r in {f"{i}.json" for i in made}] == []
+
+
+@pytest.mark.parametrize("entry", [
+    [{"success": "yes", "state": "succeeded"}, 1], [{"success": True, "state": 7}, 1],
+    [{"success": True, "extra": 1}, 1], [{"success": True}, float("inf")], [{"success": True}, True],
+    [{"success": True}], {"success": True}, "x", None,
+])
+def test_an_odd_kept_end_is_ignored_and_the_output_file_read(store, entry):
+    a = create(store, 0)
+    finish(store, a, 12)
+    store.index.ends_path.parent.mkdir(exist_ok=True)
+    store.index.ends_path.write_text(json.dumps({"ends": {a: entry}}))
+    fresh = CountingStore(store.root, use_watch=False)
+    assert fresh.index.ends([a]) == {a: index_module.End({"success": True, "state": "succeeded"}, 12.0)}
+    assert f"{a}.json" in fresh.reads
+
+
+@pytest.mark.parametrize("garbage", ["", "not json", "[1, 2]", '{"ends": 5}', '{"ends": {"x": [1, 2]}}'])
+def test_an_unreadable_kept_file_is_ignored_and_written_anew(store, garbage):
+    a = create(store, 0)
+    finish(store, a, 5)
+    store.index.ends_path.parent.mkdir(exist_ok=True)
+    store.index.ends_path.write_text(garbage)
+    assert CountingStore(store.root, use_watch=False).index.ends([a])[a].duration == 5.0
+    assert json.loads(store.index.ends_path.read_text()) == {"ends": {a: [{"success": True, "state": "succeeded"},
+                                                                         5.0]}}
+
+
+def test_the_kept_file_holds_only_the_operations_asked_about_and_not_a_corrupt_end(store):
+    a, gone, broken = create(store, 0), create(store, 1), create(store, 2)
+    for op_id in (a, gone):
+        finish(store, op_id, 1)
+    store.output_path(broken).write_text("{")
+    store.index.ends([a, gone, broken])
+    store.remove(gone)
+    store.list()
+    c = create(store, 3)
+    finish(store, c, 2)
+    ends = store.index.ends([a, c, broken])
+    assert set(ends) == {a, c}
+    assert set(json.loads(store.index.ends_path.read_text())["ends"]) == {a, c}

@@ -10,6 +10,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from pg_backup_api import create_app, metrics
+from pg_backup_api import store as store_module
 from pg_backup_api.operations import OperationType, job_document
 from pg_backup_api.settings import Settings
 from pg_backup_api.store import OperationStore
@@ -282,7 +283,14 @@ def test_a_new_worker_takes_the_facts_its_predecessors_kept_and_reads_no_output_
               success=hour != 12)
     before = comparable_exposition(create_app(Settings(barman_conf=str(lab.conf))).test_client())
     reads = []
-    monkeypatch.setattr(OperationStore, "read_output", lambda self, op_id: reads.append(op_id))
+    real = store_module.read_state_file
+
+    def reading(path):
+        if path.parent.name == "output":
+            reads.append(path.name)
+        return real(path)
+
+    monkeypatch.setattr(store_module, "read_state_file", reading)
     monkeypatch.setattr(metrics.barman_adapter, "read_catalogue", lambda config: reads.append(config.name))
     after = comparable_exposition(create_app(Settings(barman_conf=str(lab.conf))).test_client())
     assert after == before
@@ -306,8 +314,8 @@ def test_unreadable_kept_facts_are_ignored(lab, garbage):
     store = OperationStore(lab.home / "pg", "pg")
     ended(store, "recovery", "failed", "2026-11-25T12:00:00+00:00", 3)
     expected = comparable_exposition(create_app(Settings(barman_conf=str(lab.conf))).test_client())
-    for name in (metrics.FACTS_FILE, metrics.CATALOGUES_FILE):
-        (metrics.metrics_dir(lab.home) / name).write_text(garbage)
+    for path in (store.index.ends_path, metrics.metrics_dir(lab.home) / metrics.CATALOGUES_FILE):
+        path.write_text(garbage)
     assert comparable_exposition(create_app(Settings(barman_conf=str(lab.conf))).test_client()) == expected
 
 
