@@ -63,6 +63,15 @@ def _stamp(directory: Path) -> Stamp:
     return st.st_ino, st.st_mtime_ns
 
 
+def _identity(directory: Path) -> Optional[Tuple[int, int]]:
+    """(device, inode) of *directory*: which folder its path names now; None when it is missing."""
+    try:
+        st = os.stat(directory)
+    except FileNotFoundError:
+        return None
+    return st.st_dev, st.st_ino
+
+
 def _trusted(stamp: Stamp, scan_started_ns: int, settle_ns: int) -> bool:
     """A scan that started after *stamp* had settled saw every change that *stamp* stands for."""
     if stamp is None:
@@ -193,6 +202,7 @@ class OperationIndex:
         self._settle = settle  # found on first use: a worker that never lists never reads the mount table
         self._use_watch = use_watch  # None: watch jobs/ when it is on a local file system
         self._watch: Optional[watch.FolderWatch] = None
+        self._watched: Optional[Tuple[int, int]] = None  # (device, inode) of the folder watched
         self._files = _Files()
         self._type_json: Dict[str, str] = {}  # each type as JSON; only ever added to
         empty = Snapshot(Listing([], {}, frozenset(), self._type_json), [])
@@ -246,7 +256,9 @@ class OperationIndex:
         started = time.time_ns()
         folder_watch, must_list = self._watch, False
         if folder_watch is not None:
-            changes = folder_watch.changes()
+            # Events come from the folder the watch was opened on: if the path names another one now
+            # (replaced, or a file system mounted over it), that folder must be listed and watched.
+            changes = folder_watch.changes() if _identity(self.jobs_dir) == self._watched else None
             if changes is not None:
                 appeared, left = changes
                 if appeared or left or state.retry:
@@ -256,7 +268,9 @@ class OperationIndex:
             folder_watch.close()
             self._watch, must_list = None, True
         if self._use_watch or (self._use_watch is None and self.settle_ns == LOCAL_SETTLE_NS):
-            # Opened before jobs/ is listed: a change made meanwhile is then in both (see watch.py).
+            # Opened before jobs/ is listed: a change made meanwhile is then in both (see watch.py). The
+            # identity is taken first: a folder replaced in between only costs one more listing.
+            self._watched = _identity(self.jobs_dir)
             self._watch = watch.open_watch(self.jobs_dir)
             must_list = must_list or self._watch is not None
         jobs = _stamp(self.jobs_dir)

@@ -60,6 +60,9 @@ def spawn_worker(op_type: OperationType, server: str, op_id: str, store: Operati
 
 # Seconds between two asks of a waiting recovery for a slot on its host.
 SLOT_POLL = 0.5
+# After a signal that is not a cancel (a plain `kill`), how long the end waits for the operation's
+# other processes; a cancel's own SIGKILL ends the wait sooner (see Worker.wait_for_the_rest).
+STRAGGLERS_WAIT = 30.0
 
 
 @dataclass(frozen=True)
@@ -93,10 +96,18 @@ class Worker:
 
     def _on_signal(self, signum: int, frame: Optional[FrameType]) -> None:
         # A cancel signals the whole process group; a plain `kill PID` reaches only this
-        # process, so pass it on: barman must stop either way, and then the end is recorded.
+        # process, so pass it on to barman and what it started: they must stop either way (one
+        # holding barman's output open would keep this worker reading), and then the end is recorded.
         self.signalled = signum
-        if self.child is not None and self.child.poll() is None:
-            self.child.send_signal(signum)
+        for pid in self._the_rest():
+            try:
+                os.kill(pid, signum)
+            except ProcessLookupError:
+                pass
+
+    def _the_rest(self) -> List[int]:
+        """The operation's processes but this one (its group, the ssh master included)."""
+        return [p for p in processes.group_members(os.getpgrp(), self.marker) if p != os.getpid()]
 
     def run(self, argv: List[str]) -> Tuple[Optional[int], str]:
         self.store.record_worker(self.op_id, processes.identity().to_json())
@@ -167,6 +178,25 @@ class Worker:
         if self.store.cancel_requested(self.op_id):
             return "canceled before barman started"
         return None
+
+    def wait_for_the_rest(self) -> None:
+        """After a stop, record the end only once the operation's other processes are gone.
+
+        A process that survives SIGKILL (stuck in uninterruptible I/O) still runs in the destination:
+        the operation must stay unended, so its destination stays claimed and the service can say
+        `cancel_failed`. During a cancel, the service's SIGKILL ends this wait by ending this
+        process; after a plain signal the wait is bounded, and the end says what still runs."""
+        if self.signalled is None and not self.store.cancel_requested(self.op_id):
+            return
+        deadline = time.monotonic() + STRAGGLERS_WAIT
+        while True:
+            rest = self._the_rest()
+            if not rest:
+                return
+            if time.monotonic() > deadline and not self.store.cancel_requested(self.op_id):
+                log.error("operation %s: processes %s still run after its barman ended", self.op_id, rest)
+                return
+            time.sleep(0.1)
 
     def end_state(self, exit_code: Optional[int]) -> Tuple[State, Optional[str]]:
         if self.store.cancel_requested(self.op_id):
@@ -249,6 +279,8 @@ def run_operation(op_type: OperationType, barman_conf: str, server: Optional[str
     if store is None:
         log.error("operation %s: cannot record its end: %s", op_id, output.strip())
         return 1
+    if worker is not None:
+        worker.wait_for_the_rest()
     state, reason = worker.end_state(exit_code) if worker else (State.FAILED, output.strip())
     if queue is not None and state is not State.SUCCEEDED:
         output += restore_queue(queue)

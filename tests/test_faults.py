@@ -41,6 +41,8 @@ FAKE_BARMAN = textwrap.dedent("""\
       flood) i=0; while [ $i -lt 50000 ]; do echo "line $i: copying a file of the base backup"; i=$((i+1)); done ;;
       sleep) echo "Starting remote restore for server pg"; echo "Copying the base backup."; sleep 60 & wait ;;
       stubborn) trap '' TERM; echo started; while :; do sleep 0.1; done ;;
+      straggler) (trap '' TERM; exec sleep 2 >/dev/null 2>&1) & echo "$!" > "$FAKE_BARMAN_STARTS.straggler"
+                 echo started; sleep 60 & wait ;;
     esac
     """)
 
@@ -200,6 +202,27 @@ def test_processes_surviving_sigkill_make_cancel_failed_and_keep_the_claim(clien
     # Once they can be stopped, a cancel ends it.
     again = client.post(f"/servers/pg/operations/{op_id}/cancel")
     assert (again.status_code, again.json["state"]) == (200, "canceled")
+
+
+def test_after_a_plain_signal_the_end_waits_for_what_barman_left_running(client, fake_barman, barman_files):
+    """A process of the operation still running means the operation has not ended: its destination
+    stays claimed. Here barman leaves a child ignoring SIGTERM behind when the worker is killed."""
+    fake_barman.mode("straggler")
+    op_id = start(client)
+    wait_for(fake_barman.starts)
+    straggler_file = Path(f"{fake_barman.starts_file}.straggler")
+    straggler = int(wait_for(lambda: straggler_file.exists() and straggler_file.read_text().strip()))
+    path = worker_file(barman_files, op_id)
+    worker = json.loads(wait_for(lambda: path.exists() and path.read_text()))["pid"]
+    os.kill(worker, signal.SIGTERM)  # not a cancel: only the worker is signalled, and it signals barman
+    output = barman_files.home / "pg" / "output" / f"{op_id}.json"
+    seen_while_running = []
+    while straggler in processes.group_members(worker):
+        seen_while_running.append(output.exists())
+        time.sleep(0.05)
+    assert seen_while_running and not any(seen_while_running)
+    doc = ended(client, op_id)
+    assert (doc["status"], doc["reason"]) == ("FAILED", "the worker received signal SIGTERM")
 
 
 # -- a worker never starts barman after its operation has ended ------------------------------------

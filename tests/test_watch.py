@@ -98,6 +98,19 @@ def test_a_removed_jobs_folder_lists_nothing_and_its_return_is_seen(store):
     assert ids_of(store) == [b]
 
 
+def test_a_path_that_names_another_folder_now_is_listed_and_watched_anew(store, monkeypatch):
+    """As when a file system is mounted over jobs/: no event reaches the watch of the folder beneath."""
+    a = create(store, 0)
+    assert ids_of(store) == [a] and store.listings == 1
+    real = index_module._identity
+    monkeypatch.setattr(index_module, "_identity", lambda d: (-1, -1) if d == store.jobs_dir else real(d))
+    assert ids_of(store) == [a] and store.listings == 2
+    monkeypatch.setattr(index_module, "_identity", real)
+    assert ids_of(store) == [a] and store.listings == 3
+    b = create(store, 1)
+    assert ids_of(store) == [a, b] and store.listings == 3
+
+
 def test_an_overflow_of_the_kernels_queue_lists_every_watched_folder_again(store, monkeypatch):
     a = create(store, 0)
     assert ids_of(store) == [a] and store.listings == 1

@@ -19,11 +19,15 @@ pytestmark = pytest.mark.e2e
 
 @contextmanager
 def tmpfs_over(directory: Path, owner: str) -> Iterator[Path]:
-    """*directory* on a 1 MiB tmpfs holding what it held; put back as it was (with anything new) after."""
+    """*directory* on a tmpfs holding what it held and 1 MiB more; put back as it was (with anything new)
+    after. Sized on what is there: earlier tests may have left megabytes of progress logs."""
     saved = Path(tempfile.mkdtemp(prefix="pgba-e2e-jobs-"))
     subprocess.run(["cp", "-a", str(directory), str(saved / "jobs")], check=True)  # owners and modes kept
+    used = int(subprocess.run(["du", "-s", "-B1", str(directory)], capture_output=True, text=True,
+                              check=True).stdout.split()[0])
+    size = used + (used // 4) + (1 << 20)  # tmpfs rounds each file up to a page: keep a margin
     stat = directory.stat()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size=1m,mode=0750,uid={stat.st_uid},gid={stat.st_gid}",
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0750,uid={stat.st_uid},gid={stat.st_gid}",
                     "tmpfs", str(directory)], check=True)
     try:
         subprocess.run(["cp", "-a", f"{saved}/jobs/.", str(directory)], check=True)
@@ -71,4 +75,7 @@ def test_a_full_then_read_only_home_refuses_posts_and_harms_nothing(sandbox, ser
         # Space again: the same destination is free (the refused POSTs claimed nothing).
         again = post_recovery(service, sandbox, sandbox.restore_dir("e2e-full"), UNREACHABLE)
         assert again.status_code == 202, again.text
+        # jobs/ is another folder now (the tmpfs mounted over it): the list follows the one the path names.
+        listed = [o["id"] for o in service.get(f"/servers/{server}/operations").json()["operations"]]
+        assert again.json()["operation_id"] in listed and existing_id in listed
         assert service.wait_until_ended(server, again.json()["operation_id"])["state"] == "failed"

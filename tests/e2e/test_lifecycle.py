@@ -7,12 +7,13 @@ import os
 import signal
 import subprocess
 from pathlib import Path
+from typing import Optional
 
 import pytest
 
 from pg_backup_api import processes
 
-from .conftest import Service, wait_for
+from .conftest import Service, unavailable, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -79,6 +80,83 @@ def test_cancel_mid_recovery_leaves_no_barman_rsync_or_ssh_behind(sandbox, servi
     again = service.post(f"/servers/{server}/operations/{op_id}/cancel")
     assert again.status_code == 409
     assert "already ended" in again.json()["error"]
+
+
+class Freezer:
+    """A cgroup v1 freezer group. A frozen process takes SIGKILL only once thawed: until then it is what
+    a process stuck in uninterruptible I/O (a hung NFS mount, a dying disk) is to a cancel."""
+
+    ROOT = Path("/sys/fs/cgroup/freezer")
+
+    def __init__(self, name: str) -> None:
+        if not (self.ROOT / "tasks").exists():
+            unavailable(f"no cgroup v1 freezer at {self.ROOT}")
+        self.path = self.ROOT / name
+        self.path.mkdir(exist_ok=True)
+
+    def freeze(self, pid: int) -> None:
+        (self.path / "cgroup.procs").write_text(str(pid))
+        (self.path / "freezer.state").write_text("FROZEN")
+        wait_for(lambda: (self.path / "freezer.state").read_text().strip() == "FROZEN", timeout=10)
+
+    def thaw(self) -> None:
+        (self.path / "freezer.state").write_text("THAWED")
+
+    def remove(self) -> None:
+        self.thaw()
+        wait_for(lambda: not (self.path / "cgroup.procs").read_text().strip(), timeout=10)
+        self.path.rmdir()
+
+
+def freeze_an_rsync(freezer: Freezer, pgid: int) -> Optional[int]:
+    """An rsync of the operation, frozen while it runs (barman runs short ones too: one may end first)."""
+    for pid in processes.group_members(pgid):
+        if command_names([pid]) != ["rsync"]:
+            continue
+        try:
+            freezer.freeze(pid)
+        except OSError:  # it ended meanwhile
+            continue
+        try:
+            if "State:\tD" in Path(f"/proc/{pid}/status").read_text():
+                return pid
+        except OSError:
+            continue
+    return None
+
+
+def test_a_process_surviving_sigkill_makes_cancel_failed_and_keeps_the_claim_until_it_is_gone(sandbox):
+    server = sandbox["BARMAN_SERVER"]
+    service = Service(sandbox, {"PG_BACKUP_API_CANCEL_GRACE": "1"}).start()
+    freezer = Freezer(f"pgba-e2e-{os.getpid()}")
+    try:
+        destination = sandbox.restore_dir("e2e-cancel-failed")
+        body = {"type": "recovery", "backup_id": "latest", "destination_directory": destination,
+                "remote_ssh_command": sandbox["SSH_COMMAND"], "bwlimit": 3000}  # about 15 s of copying
+        op_id = service.post(f"/servers/{server}/operations", json=body).json()["operation_id"]
+        pid = worker_pid(sandbox, op_id)
+        rsync = wait_for(lambda: freeze_an_rsync(freezer, pid), what="an rsync of the recovery frozen")
+
+        response = service.post(f"/servers/{server}/operations/{op_id}/cancel")
+        assert response.status_code == 500, response.text
+        assert f"processes {rsync} of operation '{op_id}' survived SIGKILL" in response.json()["error"]
+        status = service.get(f"/servers/{server}/operations/{op_id}").json()
+        assert (status["status"], status["state"]) == ("IN_PROGRESS", "cancel_failed")
+        assert processes.group_members(pid) == [rsync]  # the rest of the operation is gone
+        busy = post_recovery(service, sandbox, destination)  # the same host and destination
+        assert busy.status_code == 409 and op_id in busy.json()["error"]
+
+        freezer.thaw()  # the I/O returns: the pending SIGKILL lands
+        wait_for(lambda: processes.group_members(pid) == [], timeout=10)
+        status = service.get(f"/servers/{server}/operations/{op_id}").json()
+        assert (status["status"], status["state"]) == ("FAILED", "canceled")
+        assert service.post(f"/servers/{server}/operations/{op_id}/cancel").status_code == 409  # ended
+        freed = post_recovery(service, sandbox, destination)
+        assert freed.status_code == 202, freed.text
+        assert service.wait_until_ended(server, freed.json()["operation_id"])["status"] == "DONE"
+    finally:
+        freezer.remove()
+        service.stop()
 
 
 def test_a_second_recovery_into_the_same_destination_is_409_until_the_first_ends(sandbox, service):
