@@ -188,8 +188,8 @@ def test_processes_surviving_sigkill_make_cancel_failed_and_keep_the_claim(clien
     fake_barman.mode("sleep")
     op_id = start(client)
     wait_for(fake_barman.starts)  # barman runs: the cancel below must stop it, not prevent its start
-    # A process in uninterruptible sleep survives SIGKILL; that cannot be made as any user, so the
-    # stop reports what it would: failure.
+    # A process in uninterruptible sleep survives SIGKILL; making one takes root and a cgroup v1
+    # freezer (tests/e2e/test_lifecycle.py does it), so here the stop reports what it would: failure.
     monkeypatch.setattr(processes, "stop_group", lambda pgid, marker, grace: False)
     response = client.post(f"/servers/pg/operations/{op_id}/cancel")
     assert response.status_code == 500
