@@ -86,9 +86,10 @@ class Sandbox:
         return f"{self['RESTORE_PARENT']}/{name}"
 
 
-def sandbox_up(prefix: str, **settings: Any) -> Sandbox:
-    """A new sandbox on free ports in a new temporary directory; the caller calls sandbox_down."""
-    directory = Path(tempfile.mkdtemp(prefix=prefix))
+def sandbox_up(prefix: str, parent: Optional[str] = None, **settings: Any) -> Sandbox:
+    """A new sandbox on free ports in a new temporary directory (in *parent*, default the system's
+    temporary directory); the caller calls sandbox_down."""
+    directory = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
     try:
         # SANDBOX_BARMAN_USER, SANDBOX_SERVER and SANDBOX_CRON_INTERVAL still apply; the ports are free ones.
         env = stack.up(directory, **{**stack.environment_settings(os.environ), "pg_port": free_port(),
