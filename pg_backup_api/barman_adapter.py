@@ -5,10 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
-import shutil
 import subprocess
-import sys
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -19,6 +16,7 @@ from barman.config import Config
 from barman.infofile import BackupInfo
 
 from pg_backup_api import barman_config
+from pg_backup_api.barman_cli import BARMAN_VERSION, barman_executable
 from pg_backup_api.errors import (
     BarmanUnavailable,
     ConfigurationError,
@@ -31,11 +29,6 @@ from pg_backup_api.reloading import Reloading
 
 log = logging.getLogger(__name__)
 
-BARMAN_VERSION: Tuple[int, ...] = tuple(
-    int(p) for p in barman.__version__.split(".")[:3] if p.isdigit()
-)
-# Barman 3.12 renamed `recover` to `restore` and keeps `recover` as an alias.
-RESTORE_COMMAND = "restore" if BARMAN_VERSION >= (3, 12) else "recover"
 
 # Aliases Barman accepts for a backup id, matched exactly (never as substrings).
 LATEST = ("latest", "last")
@@ -267,90 +260,6 @@ def remote_staging_path(server_config: Any, backup: Backup) -> Optional[str]:
     if not backup.needs_staging or getattr(server_config, "staging_location", None) != "remote":
         return None
     return getattr(server_config, "staging_path", None) or None
-
-
-# Names the barman executable to run instead of the one found: for tests that run the real worker
-# with a stand-in barman. Only whoever sets the service's environment can set it, and they choose
-# what the service runs anyway.
-BARMAN_VARIABLE = "PG_BACKUP_API_BARMAN"
-
-
-def barman_executable() -> str:
-    """PG_BACKUP_API_BARMAN if set, else the barman installed beside this Python (a venv), else the one on PATH."""
-    override = os.environ.get(BARMAN_VARIABLE)
-    if override:
-        return override
-    beside = Path(sys.executable).parent / "barman"
-    if beside.is_file() and os.access(beside, os.X_OK):
-        return str(beside)
-    return shutil.which("barman") or "barman"
-
-
-VALUE_OPTIONS = {
-    "target_time": "--target-time", "target_xid": "--target-xid", "target_lsn": "--target-lsn",
-    "target_name": "--target-name", "target_tli": "--target-tli", "target_action": "--target-action",
-    "bwlimit": "--bwlimit", "jobs": "--jobs", "staging_wal_directory": "--staging-wal-directory",
-}
-SWITCH_OPTIONS = {  # option: (flag when true, flag when false)
-    "target_immediate": ("--target-immediate", None), "exclusive": ("--exclusive", None),
-    "standby_mode": ("--standby-mode", None), "get_wal": ("--get-wal", "--no-get-wal"),
-    "network_compression": ("--network-compression", "--no-network-compression"),
-}
-
-
-def restore_argv(config_path: str, server: str, backup_id: str, destination: str,
-                 remote_ssh_command: str, options: Optional[Dict[str, Any]] = None) -> List[str]:
-    """`barman restore` as an argv list: never a shell, `--opt=value` and positionals after `--`."""
-    argv = [barman_executable(), "-c", config_path, RESTORE_COMMAND,
-            f"--remote-ssh-command={remote_ssh_command}"]
-    options = options or {}
-    for key, flag in VALUE_OPTIONS.items():
-        if options.get(key) is not None:
-            argv.append(f"{flag}={options[key]}")
-    for key, (on, off) in SWITCH_OPTIONS.items():
-        flag = on if options.get(key) is True else off if options.get(key) is False else None
-        if flag:
-            argv.append(flag)
-    for name, location in sorted((options.get("tablespaces") or {}).items()):
-        argv.append(f"--tablespace={name}:{location}")
-    return [*argv, "--", server, backup_id, destination]
-
-
-def backup_argv(config_path: str, server: str, options: Dict[str, Any]) -> List[str]:
-    argv = [barman_executable(), "-c", config_path, "backup"]
-    if options.get("name"):
-        argv.append(f"--name={options['name']}")
-    if options.get("immediate_checkpoint") is not None:
-        argv.append("--immediate-checkpoint" if options["immediate_checkpoint"] else "--no-immediate-checkpoint")
-    if options.get("incremental"):
-        argv.append(f"--incremental={options['incremental']}")
-    for key in ("jobs", "bwlimit"):
-        if options.get(key) is not None:
-            argv.append(f"--{key}={options[key]}")
-    if options.get("wait_for_wals"):
-        argv.append("--wait")
-    return [*argv, "--", server]
-
-
-def config_switch_argv(config_path: str, server: str, options: Dict[str, Any]) -> List[str]:
-    argv = [barman_executable(), "-c", config_path, "config-switch"]
-    if options.get("reset"):
-        return [*argv, "--reset", "--", server]
-    return [*argv, "--", server, options["model_name"]]
-
-
-def config_update_argv(config_path: str, changes: List[Dict[str, Any]]) -> List[str]:
-    return [barman_executable(), "-c", config_path, "config-update", "--", json.dumps(changes)]
-
-
-NEW_BACKUP_ID = re.compile(r"^Starting backup using \S+ method for server \S+ in \S*/([0-9]{8}T[0-9]{6})$",
-                           re.MULTILINE)
-
-
-def new_backup_id(output: str) -> Optional[str]:
-    """The id of the backup `barman backup` reports starting."""
-    match = NEW_BACKUP_ID.search(output)
-    return match.group(1) if match else None
 
 
 def check_version(feature: str, minimum: Tuple[int, ...]) -> None:

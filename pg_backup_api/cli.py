@@ -6,7 +6,7 @@ import argparse
 import re
 import sys
 from datetime import timedelta
-from typing import List, Optional
+from typing import Any, List, Optional
 
 from pg_backup_api.settings import DEFAULT_PORT, LOOPBACK, Settings, setup_logging
 
@@ -40,15 +40,28 @@ def _status(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _worker(args: argparse.Namespace, settings: Settings) -> int:
+    from pg_backup_api.claims import Claims
     from pg_backup_api.operations import OperationType
-    from pg_backup_api.runner import HostSlots, run_operation
-    from pg_backup_api.service import Service
+    from pg_backup_api.runner import HostSlots, barman_home, run_operation
 
     op_type = OperationType(args.operation_type)
     slots = None
     if op_type is OperationType.RECOVERY:
-        # A slot held by an operation whose worker is gone is freed by the service's reconciliation.
-        slots = HostSlots(Service(settings).claims, settings.max_recoveries_per_host)
+        service = None
+
+        def lookup(server: Optional[str], op_id: str) -> Any:
+            # A slot held by an operation whose worker is gone is freed by the service's reconciliation.
+            # Made only when another recovery holds a slot: the service's modules import Barman's code,
+            # which would otherwise delay every recovery's start.
+            nonlocal service
+            if service is None:
+                from pg_backup_api.service import Service
+
+                service = Service(settings)
+            return service.lookup(server, op_id)
+
+        slots = HostSlots(Claims(lambda: barman_home(settings.barman_conf, None) / "jobs", lookup),
+                          settings.max_recoveries_per_host)
     return run_operation(op_type, settings.barman_conf, getattr(args, "server_name", None), args.operation_id,
                          slots)
 

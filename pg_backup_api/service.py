@@ -78,7 +78,7 @@ class Service:
         self._stores: Dict[Path, OperationStore] = {}
         self._stores_lock = threading.Lock()
         self.tokens = auth.TokenFile(settings.tokens_file)
-        self.claims = claims.Claims(lambda: self.config_source.get().barman_home / "jobs", self._lookup)
+        self.claims = claims.Claims(lambda: self.config_source.get().barman_home / "jobs", self.lookup)
         self.discovery = discovery.Discovery(settings, self.config_source, self.claims)
 
     def _store(self, server: Optional[str]) -> OperationStore:
@@ -95,7 +95,7 @@ class Service:
 
     # -- reads ---------------------------------------------------------------------------
 
-    def _lookup(self, server: Optional[str], op_id: str) -> Record:
+    def lookup(self, server: Optional[str], op_id: str) -> Record:
         """The operation as reconciled now (what the claims ask of a holder); NotFound once gone."""
         store = self._store(server)
         return self._reconciled(store, store.get(op_id))

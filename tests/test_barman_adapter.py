@@ -3,7 +3,7 @@ import threading
 
 import pytest
 
-from pg_backup_api import barman_adapter
+from pg_backup_api import barman_adapter, barman_cli
 from pg_backup_api.errors import ConfigurationError, NoSuchServer
 
 
@@ -76,8 +76,8 @@ def test_readers_never_see_a_missing_server_while_the_configuration_reloads(barm
 
 
 def test_restore_argv_passes_values_after_a_double_dash_and_never_a_shell(barman_files):
-    argv = barman_adapter.restore_argv("/etc/b.conf", "pg", "20261127T010000", "/srv/r", "ssh -p 2 h; x")
-    assert argv[1:4] == ["-c", "/etc/b.conf", barman_adapter.RESTORE_COMMAND]
+    argv = barman_cli.restore_argv("/etc/b.conf", "pg", "20261127T010000", "/srv/r", "ssh -p 2 h; x")
+    assert argv[1:4] == ["-c", "/etc/b.conf", barman_cli.RESTORE_COMMAND]
     assert argv[4] == "--remote-ssh-command=ssh -p 2 h; x"
     assert argv[5:] == ["--", "pg", "20261127T010000", "/srv/r"]
 

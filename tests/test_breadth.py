@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from pg_backup_api import barman_adapter
+from pg_backup_api import barman_cli
 
 
 @pytest.fixture(autouse=True)
@@ -122,19 +122,19 @@ def test_config_update_with_a_harmless_key_is_an_instance_operation(client, barm
 
 def test_worker_argv_for_each_type():
     conf = "/etc/barman.conf"
-    assert barman_adapter.backup_argv(conf, "pg", {"name": "n", "immediate_checkpoint": False, "jobs": 2,
+    assert barman_cli.backup_argv(conf, "pg", {"name": "n", "immediate_checkpoint": False, "jobs": 2,
                                                    "bwlimit": 10, "incremental": "X", "wait_for_wals": True})[3:] \
         == ["backup", "--name=n", "--no-immediate-checkpoint", "--incremental=X", "--jobs=2", "--bwlimit=10",
             "--wait", "--", "pg"]
-    assert barman_adapter.config_switch_argv(conf, "pg", {"model_name": "m"})[3:] == ["config-switch", "--", "pg", "m"]
-    assert barman_adapter.config_switch_argv(conf, "pg", {"reset": True})[3:] == ["config-switch", "--reset", "--",
+    assert barman_cli.config_switch_argv(conf, "pg", {"model_name": "m"})[3:] == ["config-switch", "--", "pg", "m"]
+    assert barman_cli.config_switch_argv(conf, "pg", {"reset": True})[3:] == ["config-switch", "--reset", "--",
                                                                                    "pg"]
     changes = [{"scope": "server", "server_name": "pg", "archiver": "on"}]
-    assert json.loads(barman_adapter.config_update_argv(conf, changes)[-1]) == changes
+    assert json.loads(barman_cli.config_update_argv(conf, changes)[-1]) == changes
 
 
 def test_the_new_backup_id_is_read_from_barmans_output():
     output = ("Starting backup using postgres method for server pg in /var/lib/barman/pg/base/20261127T093201\n"
               "Backup start at LSN: 0/5000028\nBackup completed\n")
-    assert barman_adapter.new_backup_id(output) == "20261127T093201"
-    assert barman_adapter.new_backup_id("ERROR: nothing") is None
+    assert barman_cli.new_backup_id(output) == "20261127T093201"
+    assert barman_cli.new_backup_id("ERROR: nothing") is None

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from pg_backup_api import barman_adapter, cli, runner
+from pg_backup_api import barman_adapter, barman_cli, cli, runner
 from pg_backup_api.operations import OperationType
 
 # A change set Barman cannot apply: the file it names cannot be written, so `barman cron` fails on it forever.
@@ -151,7 +151,7 @@ def fake_barman(tmp_path, queue, exit_code):
 
 
 def run_worker(client, barman_files, monkeypatch, tmp_path, exit_code):
-    monkeypatch.setattr(barman_adapter, "barman_executable",
+    monkeypatch.setattr(barman_cli, "barman_executable",
                         lambda: fake_barman(tmp_path, queue_file(barman_files), exit_code))
     op_id = post(client, {"scope": "server", "server_name": "pg", "description": "new words"}).json["operation_id"]
     runner.run_operation(OperationType.CONFIG_UPDATE, str(barman_files.conf), None, op_id)

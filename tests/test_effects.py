@@ -14,7 +14,7 @@ from barman.infofile import Tablespace, output_tablespace_list
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pg_backup_api import barman_adapter, create_app, effects, schema
+from pg_backup_api import barman_cli, create_app, effects, schema
 from pg_backup_api.effects import STAGE, STAGE_SUBDIRS, WIPE, PathRules, RecoveryTarget
 from pg_backup_api.errors import ApiError, InvalidRequest, Unprocessable
 from pg_backup_api.operations import RECOVERY_OPTIONS, REQUEST_SCHEMAS, OperationType
@@ -52,7 +52,7 @@ def test_every_request_property_of_every_operation_type_has_a_declared_effect(op
 
 def test_every_recovery_option_and_every_restore_flag_has_a_declared_effect():
     declared = effects.FIELD_EFFECTS[OperationType.RECOVERY]
-    options = {*RECOVERY_OPTIONS, *barman_adapter.VALUE_OPTIONS, *barman_adapter.SWITCH_OPTIONS, "tablespaces"}
+    options = {*RECOVERY_OPTIONS, *barman_cli.VALUE_OPTIONS, *barman_cli.SWITCH_OPTIONS, "tablespaces"}
     assert options - set(declared) == set()
     # A field without an effect says why it has none.
     assert all(d.action is not None or d.why for table in effects.FIELD_EFFECTS.values() for d in table.values())

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from pg_backup_api import barman_adapter
+from pg_backup_api import barman_cli
 
 BODY = {"type": "recovery", "backup_id": "latest", "destination_directory": "/srv/pg/restore",
         "remote_ssh_command": "ssh postgres@db2"}
@@ -103,12 +103,12 @@ def test_auto_picks_the_latest_backup_that_ends_before_the_target(client, barman
 
 
 def test_argv_carries_each_option_as_one_flag_and_positionals_after_a_double_dash():
-    argv = barman_adapter.restore_argv("/etc/barman.conf", "pg", "20261127T030000", "/srv/pg/r", "ssh pg@db2", {
+    argv = barman_cli.restore_argv("/etc/barman.conf", "pg", "20261127T030000", "/srv/pg/r", "ssh pg@db2", {
         "target_time": "2026-11-27T04:00:00+00:00", "target_action": "promote", "exclusive": True,
         "get_wal": False, "network_compression": True, "jobs": 4, "bwlimit": 0, "target_tli": "latest",
         "tablespaces": {"tbs2": "/srv/b", "tbs1": "/srv/a"}, "staging_wal_directory": "/srv/w"})
     assert argv[3:] == [
-        barman_adapter.RESTORE_COMMAND, "--remote-ssh-command=ssh pg@db2",
+        barman_cli.RESTORE_COMMAND, "--remote-ssh-command=ssh pg@db2",
         "--target-time=2026-11-27T04:00:00+00:00", "--target-tli=latest", "--target-action=promote",
         "--bwlimit=0", "--jobs=4", "--staging-wal-directory=/srv/w",
         "--exclusive", "--no-get-wal", "--network-compression",

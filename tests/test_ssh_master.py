@@ -253,7 +253,7 @@ def recovery(client, barman_files, tmp_path, monkeypatch):
     script = tmp_path / "barman"
     script.write_text(ECHO_BARMAN)
     script.chmod(0o755)
-    monkeypatch.setattr(runner.barman_adapter, "barman_executable", lambda: str(script))
+    monkeypatch.setattr(runner.barman_cli, "barman_executable", lambda: str(script))
     monkeypatch.delenv("PG_BACKUP_API_SSH_MULTIPLEX", raising=False)
     body = {"type": "recovery", "backup_id": "latest", "destination_directory": "/srv/pg/restore",
             "remote_ssh_command": REFUSED}
