@@ -206,7 +206,7 @@ class Worker:
         A process that survives SIGKILL (stuck in uninterruptible I/O) still runs in the destination:
         the operation must stay unended, so its destination stays claimed and the service can say
         `cancel_failed`. During a cancel, the service's SIGKILL ends this wait by ending this
-        process; after a plain signal the wait is bounded, and the end says what still runs."""
+        process; after a plain signal the wait is bounded, and what still runs then is logged."""
         if self.signalled is None and not self.store.cancel_requested(self.op_id):
             return
         deadline = time.monotonic() + STRAGGLERS_WAIT
