@@ -58,7 +58,9 @@ class FolderWatch:
     def changes(self) -> Optional[Changes]:
         """(appeared, left) since the last call; None when the folder must be listed again."""
         with _lock:
-            if self._hub is not _hub_of_this_process() or not self._hub.drain():
+            if self._hub is _hub_of_this_process():
+                self._hub.drain()
+            else:
                 self._lost = True
             if self._lost:
                 return None
@@ -98,14 +100,15 @@ class _Hub:
         # Two indexes of one folder share its wd: the kernel gives a folder one watch per instance.
         self.watches: Dict[int, "weakref.WeakSet[FolderWatch]"] = {}
 
-    def drain(self) -> bool:
-        """Hand every queued event to its folder; False when the kernel's queue overflowed."""
+    def drain(self) -> None:
+        """Hand every queued event to its folder; after an overflow of the kernel's queue, every folder
+        watched is lost (it must be listed again)."""
         fd = self.inotify.fileno()
         while True:
             try:
                 data = os.read(fd, READ_BYTES)
             except BlockingIOError:
-                return True
+                return
             except InterruptedError:
                 continue
             for event in inotify_simple.parse_events(data):
