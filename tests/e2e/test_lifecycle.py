@@ -151,9 +151,14 @@ def test_a_process_surviving_sigkill_makes_cancel_failed_and_keeps_the_claim_unt
         status = service.get(f"/servers/{server}/operations/{op_id}").json()
         assert (status["status"], status["state"]) == ("FAILED", "canceled")
         assert service.post(f"/servers/{server}/operations/{op_id}/cancel").status_code == 409  # ended
+        # The far side of the killed copy (rsync under sshd, not the operation's) ends once its
+        # connection is gone; a new recovery into the same directory waits for that, as an operator would.
+        wait_for(lambda: subprocess.run(["pgrep", "-f", destination], capture_output=True).returncode == 1,
+                 what="no process left writing the destination")
         freed = post_recovery(service, sandbox, destination)
         assert freed.status_code == 202, freed.text
-        assert service.wait_until_ended(server, freed.json()["operation_id"])["status"] == "DONE"
+        status = service.wait_until_ended(server, freed.json()["operation_id"])
+        assert status["status"] == "DONE", status.get("output")
     finally:
         freezer.remove()
         service.stop()
