@@ -29,6 +29,19 @@ def wait_for(predicate: Callable[[], Any], timeout: float = 20.0, interval: floa
     raise AssertionError(f"{what}: not met within {timeout} s")
 
 
+def operation_status(client: Any, op_id: str) -> Any:
+    """GET server pg's operation *op_id* through a Flask test client; it must answer 200."""
+    response = client.get(f"/servers/pg/operations/{op_id}")
+    assert response.status_code == 200, response.json
+    return response.json
+
+
+def operation_ended(client: Any, op_id: str, timeout: float = 20.0, interval: float = 0.05) -> Any:
+    """The operation's status once it is no longer IN_PROGRESS."""
+    return wait_for(lambda: (doc := operation_status(client, op_id))["status"] != "IN_PROGRESS" and doc,
+                    timeout=timeout, interval=interval, what=f"operation {op_id} ends")
+
+
 @dataclass
 class BarmanFiles:
     """A Barman configuration (barman.conf + barman.d/) and a backup catalogue, all real files."""

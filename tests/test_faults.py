@@ -26,7 +26,7 @@ from pg_backup_api import cli, create_app, processes, runner, service, store
 from pg_backup_api.operations import OperationType, now_utc, timestamp
 from pg_backup_api.settings import Settings
 
-from .conftest import ROOT, install_stand_in_barman, wait_for
+from .conftest import ROOT, install_stand_in_barman, operation_ended, operation_status, wait_for
 
 BODY = {"type": "recovery", "backup_id": "latest", "destination_directory": "/srv/pg/restore",
         "remote_ssh_command": "ssh postgres@db2"}
@@ -87,14 +87,8 @@ def start(client, body=BODY):
     return response.json["operation_id"]
 
 
-def status(client, op_id):
-    response = client.get(f"/servers/pg/operations/{op_id}")
-    assert response.status_code == 200, response.json
-    return response.json
-
-
-def ended(client, op_id):
-    return wait_for(lambda: (d := status(client, op_id))["status"] != "IN_PROGRESS" and d)
+status = operation_status
+ended = partial(operation_ended, interval=0.02)
 
 
 def pg_store(barman_files) -> store.OperationStore:

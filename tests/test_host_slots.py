@@ -19,7 +19,7 @@ import pytest
 from pg_backup_api import claims, create_app, processes
 from pg_backup_api.settings import Settings
 
-from .conftest import install_stand_in_barman, wait_for
+from .conftest import install_stand_in_barman, operation_ended, operation_status, wait_for
 
 BODY = {"type": "recovery", "backup_id": "latest", "remote_ssh_command": "ssh postgres@db2"}
 
@@ -71,14 +71,8 @@ def client(barman_files, gated):
 wait_for = partial(wait_for, timeout=30)
 
 
-def status(client, op_id):
-    response = client.get(f"/servers/pg/operations/{op_id}")
-    assert response.status_code == 200, response.json
-    return response.json
-
-
-def ended(client, op_id):
-    return wait_for(lambda: (doc := status(client, op_id))["status"] != "IN_PROGRESS" and doc)
+status = operation_status
+ended = partial(operation_ended, timeout=30)
 
 
 def post_four(client, gated) -> list:
