@@ -14,7 +14,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
@@ -23,7 +22,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from data import BACKUP_IDS, Fixture, ScrapeFixture, arriving  # noqa: E402
+from data import BACKUP_IDS, Fixture, ScrapeFixture, arriving, repeating  # noqa: E402
 from load import (  # noqa: E402
     PACKAGED_CONF,
     ROOT,
@@ -359,32 +358,24 @@ class Bench:
     @contextmanager
     def writer(self, tag: str, period: float = 0.5) -> Iterator[Dict[str, int]]:
         """A thread that POSTs a recovery every *period* s and at once GETs it back, twice."""
-        stop = threading.Event()
         counts = {"posts": 0, "bad": 0, "not_found": 0}
         path = f"/servers/{self.post_server}/operations"
 
         def write_and_read_back() -> None:
-            while not stop.is_set():
-                counts["posts"] += 1
-                body = json.dumps({"type": "recovery", "backup_id": "latest", "remote_ssh_command": FAILING_SSH,
-                                   "destination_directory": f"/srv/pgba-bench/{tag}/{counts['posts']}"})
-                status, doc, location = http_request(self.service.url, "POST", path, body)
-                if status != 202:
-                    counts["bad"] += 1
-                else:
-                    for check in (location, f"{path}/{doc['operation_id']}"):
-                        got = http_request(self.service.url, "GET", check)[0]
-                        counts["not_found"] += got == 404
-                        counts["bad"] += got != 200
-                stop.wait(period)
+            counts["posts"] += 1
+            body = json.dumps({"type": "recovery", "backup_id": "latest", "remote_ssh_command": FAILING_SSH,
+                               "destination_directory": f"/srv/pgba-bench/{tag}/{counts['posts']}"})
+            status, doc, location = http_request(self.service.url, "POST", path, body)
+            if status != 202:
+                counts["bad"] += 1
+                return
+            for check in (location, f"{path}/{doc['operation_id']}"):
+                got = http_request(self.service.url, "GET", check)[0]
+                counts["not_found"] += got == 404
+                counts["bad"] += got != 200
 
-        thread = threading.Thread(target=write_and_read_back)
-        thread.start()
-        try:
+        with repeating(period, write_and_read_back):
             yield counts
-        finally:
-            stop.set()
-            thread.join()
 
     def soak(self) -> None:
         """8 connections reading statuses and lists while a writer POSTs and reads back at once."""

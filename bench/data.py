@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 ROOT = Path(__file__).resolve().parents[1]
 BACKUP_IDS = ("20261120T010000", "20261121T010000", "20261122T010000")
@@ -71,33 +71,48 @@ def ended_operation(store: Any, start: datetime, ok: bool) -> str:
 
 
 @contextmanager
-def arriving(store: Any, period: float) -> Iterator[Dict[str, int]]:
-    """A thread that creates an operation every *period* s, through the store, and ends the one before:
-    the store's folders then always changed within the last second."""
+def repeating(period: float, step: Callable[[], None], last: Optional[Callable[[], None]] = None) -> Iterator[None]:
+    """*step* in a thread of its own every *period* s while the block runs, then *last* once in that thread."""
     stop = threading.Event()
-    counts = {"created": 0}
 
     def run() -> None:
-        previous = None
         while not stop.is_set():
-            now = datetime.now(timezone.utc)
-            op_id = store.create(recovery_job(now, "/srv/pgba-bench/arriving"), now)
-            counts["created"] += 1
-            if previous is not None:
-                store.finish(previous, {"success": True, "state": "succeeded",
-                                        "end_time": now.isoformat(timespec="microseconds")})
-            previous = op_id
+            step()
             stop.wait(period)
-        if previous is not None:
-            store.finish(previous, {"success": True, "state": "succeeded"})
+        if last is not None:
+            last()
 
     thread = threading.Thread(target=run)
     thread.start()
     try:
-        yield counts
+        yield
     finally:
         stop.set()
         thread.join()
+
+
+@contextmanager
+def arriving(store: Any, period: float) -> Iterator[Dict[str, int]]:
+    """A thread that creates an operation every *period* s, through the store, and ends the one before:
+    the store's folders then always changed within the last second."""
+    counts = {"created": 0}
+    previous: List[str] = []
+
+    def create_and_end_the_one_before() -> None:
+        now = datetime.now(timezone.utc)
+        op_id = store.create(recovery_job(now, "/srv/pgba-bench/arriving"), now)
+        counts["created"] += 1
+        if previous:
+            store.finish(previous.pop(), {"success": True, "state": "succeeded",
+                                          "end_time": now.isoformat(timespec="microseconds")})
+        previous.append(op_id)
+
+    def end_the_last() -> None:
+        if previous:
+            store.finish(previous.pop(), {"success": True, "state": "succeeded"})
+
+    with repeating(period, create_and_end_the_one_before, end_the_last):
+        yield counts
 
 
 def write_barman_conf(root: Path) -> Tuple[Path, Path, Path]:
