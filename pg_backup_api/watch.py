@@ -48,9 +48,8 @@ READ_BYTES = 1 << 16
 class FolderWatch:
     """The changes of one folder since the last `changes()`; made by `open_watch`."""
 
-    def __init__(self, hub: "_Hub", path: Path, wd: int) -> None:
+    def __init__(self, hub: "_Hub", wd: int) -> None:
         self._hub = hub
-        self.path = path
         self._wd = wd
         self._names: Dict[str, bool] = {}  # name -> present, the last event of each name wins
         self._lost = False
@@ -177,6 +176,6 @@ def open_watch(path: Path) -> Optional[FolderWatch]:
             if exc.errno not in (errno.ENOENT, errno.ENOTDIR):
                 log.warning("cannot watch %s (%s): it is listed on each change", path, exc)
             return None
-        watch = FolderWatch(hub, path, wd)
+        watch = FolderWatch(hub, wd)
         hub.watches.setdefault(wd, weakref.WeakSet()).add(watch)
         return watch
