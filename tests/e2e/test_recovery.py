@@ -1,6 +1,7 @@
 """A real recovery through the API: Barman restores over ssh, and the restored cluster holds the rows."""
 
 import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -44,6 +45,23 @@ def test_a_recovery_that_cannot_reach_the_host_fails_with_barmans_reason(sandbox
     assert status["status"] == "FAILED"
     assert status["exit_code"] != 0
     assert "ssh" in status["output"].lower() or "connect" in status["output"].lower(), status["output"]
+
+
+def test_a_recovery_into_a_directory_that_holds_files_fails_with_barmans_reason_and_keeps_them(sandbox, service):
+    # Barman (>= 3.16) refuses a destination that is not empty rather than rsync --delete over it.
+    server = sandbox["BARMAN_SERVER"]
+    destination = Path(sandbox.restore_dir("e2e-not-empty"))
+    destination.mkdir(parents=True)
+    kept = destination / "somebody-elses.data"
+    kept.write_text("precious\n")
+    subprocess.run(["chown", "-R", "postgres:postgres", str(destination)], check=True)
+    body = recovery_body(sandbox, str(destination))
+    op_id = service.post(f"/servers/{server}/operations", json=body).json()["operation_id"]
+    status = service.wait_until_ended(server, op_id)
+    assert status["status"] == "FAILED" and status["exit_code"] != 0
+    assert "is not empty" in status["output"], status["output"]
+    assert sorted(p.name for p in destination.iterdir()) == [kept.name]
+    assert kept.read_text() == "precious\n"
 
 
 def test_the_recovered_backup_is_the_one_validated_at_post_time(sandbox, service):
