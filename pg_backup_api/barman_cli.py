@@ -106,3 +106,30 @@ def new_backup_id(output: str) -> Optional[str]:
     """The id of the backup `barman backup` reports starting."""
     match = NEW_BACKUP_ID.search(output)
     return match.group(1) if match else None
+
+
+# Barman prints what stopped it as "ERROR: ..." (and an unexpected failure as "EXCEPTION: ...") at
+# the start of a line, in red on a terminal. The operation's `reason` quotes them so that a client
+# learns why without reading the whole output; the output keeps every line.
+ERROR_LINE = re.compile(r"(?:ERROR|EXCEPTION): *(.*)")
+COLOUR = re.compile(r"\x1b\[[0-9;]*m")
+MAX_ERRORS = 3
+MAX_ERROR_CHARS = 400
+
+
+def errors_in(output: str) -> List[str]:
+    """Barman's error messages in *output*, first first, each once, at most MAX_ERRORS, each cut to
+    MAX_ERROR_CHARS (the output holds them whole)."""
+    found: List[str] = []
+    for line in output.splitlines():
+        match = ERROR_LINE.match(COLOUR.sub("", line))
+        if not match:
+            continue
+        message = match.group(1).strip()
+        if len(message) > MAX_ERROR_CHARS:
+            message = message[:MAX_ERROR_CHARS - 1] + "…"
+        if message and message not in found:
+            found.append(message)
+        if len(found) == MAX_ERRORS:
+            break
+    return found

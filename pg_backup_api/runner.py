@@ -219,7 +219,7 @@ class Worker:
                 return
             time.sleep(0.1)
 
-    def end_state(self, exit_code: Optional[int]) -> Tuple[State, Optional[str]]:
+    def end_state(self, exit_code: Optional[int], output: str) -> Tuple[State, Optional[str]]:
         if self.store.cancel_requested(self.op_id):
             return State.CANCELED, "canceled on request"
         if exit_code == 0:
@@ -230,7 +230,9 @@ class Worker:
             return State.FAILED, "barman did not run"
         if exit_code < 0:
             return State.FAILED, f"barman was killed by signal {signal.Signals(-exit_code).name}"
-        return State.FAILED, f"barman exited with code {exit_code}"
+        why = f"barman exited with code {exit_code}"
+        errors = barman_cli.errors_in(output)
+        return State.FAILED, f"{why}: {'; '.join(errors)}" if errors else why
 
 
 def _argv(op_type: OperationType, barman_conf: str, server: str, job: Dict[str, Any]) -> List[str]:
@@ -300,7 +302,7 @@ def run_operation(op_type: OperationType, barman_conf: str, server: Optional[str
         return 1
     if worker is not None:
         worker.wait_for_the_rest()
-    state, reason = worker.end_state(exit_code) if worker else (State.FAILED, output.strip())
+    state, reason = worker.end_state(exit_code, output) if worker else (State.FAILED, output.strip())
     if queue is not None and state is not State.SUCCEEDED:
         output += restore_queue(queue)
     extra = {}

@@ -139,7 +139,7 @@ def test_a_failing_barman_is_failed_with_its_exit_code(client, fake_barman):
     fake_barman.mode("fail")
     doc = ended(client, start(client))
     assert (doc["status"], doc["state"], doc["exit_code"]) == ("FAILED", "failed", 2)
-    assert doc["reason"] == "barman exited with code 2"
+    assert doc["reason"] == "barman exited with code 2: Cannot connect to remote host"  # Barman's ERROR line
     assert "Cannot connect to remote host" in doc["output"]
 
 

@@ -42,7 +42,7 @@ class RealWorkerSpawn:
             store = OperationStore(Path({str(store.root)!r}), {server!r})
             worker = Worker(store, {server!r}, {op_id!r})
             code, out = worker.run({self.argv!r})
-            finish(store, {op_id!r}, store.get({op_id!r}).job, code, out, *worker.end_state(code))
+            finish(store, {op_id!r}, store.get({op_id!r}).job, code, out, *worker.end_state(code, out))
         """)
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path),
                processes.MARKER_VARIABLE: operation_marker(server, op_id)}

@@ -1,5 +1,6 @@
 """A real recovery through the API: Barman restores over ssh, and the restored cluster holds the rows."""
 
+import re
 import subprocess
 from pathlib import Path
 
@@ -45,6 +46,8 @@ def test_a_recovery_that_cannot_reach_the_host_fails_with_barmans_reason(sandbox
     assert status["status"] == "FAILED"
     assert status["exit_code"] != 0
     assert "ssh" in status["output"].lower() or "connect" in status["output"].lower(), status["output"]
+    # The reason quotes Barman's error line, not only its exit code.
+    assert re.fullmatch(r"barman exited with code \d+: .*(ssh|connect).*", status["reason"], re.I), status["reason"]
 
 
 def test_a_recovery_into_a_directory_that_holds_files_fails_with_barmans_reason_and_keeps_them(sandbox, service):
@@ -60,6 +63,8 @@ def test_a_recovery_into_a_directory_that_holds_files_fails_with_barmans_reason_
     status = service.wait_until_ended(server, op_id)
     assert status["status"] == "FAILED" and status["exit_code"] != 0
     assert "is not empty" in status["output"], status["output"]
+    assert status["reason"].startswith("barman exited with code 1: The restore operation cannot proceed "
+                                       "because the destination folder"), status["reason"]
     assert sorted(p.name for p in destination.iterdir()) == [kept.name]
     assert kept.read_text() == "precious\n"
 
