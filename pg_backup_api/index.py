@@ -398,12 +398,13 @@ class OperationIndex:
             if output is None:
                 return None
             start, stop = parse_time(output.get("start_time")), parse_time(output.get("end_time"))
-            end = self._ends[op_id] = End(self._summary(tuple((k, output[k]) for k in ("success", "state")
-                                                               if k in output)),
+            end = self._ends[op_id] = End(self._summary(output),
                                           (stop - start).total_seconds() if start and stop else None)
         return end
 
-    def _summary(self, key: Tuple[Tuple[str, Any], ...]) -> Dict[str, Any]:
+    def _summary(self, source: Dict[str, Any]) -> Dict[str, Any]:
+        """*source*'s `success` and `state`, as one dict shared by every equal summary."""
+        key = tuple((k, source[k]) for k in ("success", "state") if k in source)
         try:
             return self._summaries.setdefault(key, dict(key))
         except TypeError:  # an odd value that cannot be a key: kept as it is
@@ -451,8 +452,7 @@ class OperationIndex:
         for op_id, entry in entries.items():
             if op_id in wanted and op_id not in self._ends and _kept_entry_ok(entry):
                 summary, duration = entry
-                self._ends[op_id] = End(self._summary(tuple((k, summary[k]) for k in ("success", "state")
-                                                           if k in summary)), duration)
+                self._ends[op_id] = End(self._summary(summary), duration)
 
     def _keep(self, ends: Dict[str, End]) -> None:
         document = {"ends": {op_id: [end.summary, end.duration] for op_id, end in ends.items()}}
