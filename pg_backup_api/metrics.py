@@ -30,7 +30,7 @@ from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily, Met
 
 from pg_backup_api import barman_adapter
 from pg_backup_api.errors import ApiError
-from pg_backup_api.operations import State
+from pg_backup_api.operations import State, ended_state
 from pg_backup_api.store import OperationStore, write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -52,9 +52,6 @@ class Ended:
     op_type: str
     state: str
     duration: Optional[float]
-
-
-STATES = frozenset(s.value for s in State)
 
 
 class OperationFacts:
@@ -83,10 +80,7 @@ class OperationFacts:
             counts[(types[op_id], State.RUNNING.value)] = counts.get((types[op_id], State.RUNNING.value), 0) + 1
         ends = store.index.ends([op_id for op_id in types if op_id not in running])
         for op_id, end in ends.items():
-            state = end.summary.get("state")
-            if state not in STATES:
-                state = State.SUCCEEDED.value if end.summary.get("success") else State.FAILED.value
-            fact = Ended(types[op_id], state, end.duration)
+            fact = Ended(types[op_id], ended_state(end.summary).value, end.duration)
             ended.append(fact)
             counts[(fact.op_type, fact.state)] = counts.get((fact.op_type, fact.state), 0) + 1
         self._key = key

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import datetime, timezone
 from enum import Enum
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Mapping, Optional, Tuple
 
 from pg_backup_api.errors import InvalidRequest
 from pg_backup_api.records import Record
@@ -160,10 +160,16 @@ def state_of(record: Record) -> State:
         return State(record.problem["state"])
     if record.output is None:
         return State.RUNNING
+    return ended_state(record.output)
+
+
+def ended_state(output: Mapping[str, Any]) -> State:
+    """The state an output file (or the index's summary of one) records; from `success` alone when
+    `state` is missing or not a state: the reference records only `success`."""
     try:
-        return State(record.output.get("state"))
-    except ValueError:  # written by the reference, which records only `success`
-        return State.SUCCEEDED if record.output.get("success") else State.FAILED
+        return State(output.get("state"))
+    except ValueError:
+        return State.SUCCEEDED if output.get("success") else State.FAILED
 
 
 def status_of(record: Record) -> Status:

@@ -169,6 +169,18 @@ def test_operations_by_state_durations_running_and_lost(client, lab):
     assert value(families, "pgba_operation_duration_seconds_count", type="recovery", outcome="failed") == 1
 
 
+@pytest.mark.parametrize("state", [["succeeded"], {"state": "failed"}, 7, None, "finished"])
+def test_an_output_file_with_an_odd_state_is_counted_by_its_success_as_the_status_says(client, lab, state):
+    # The same rule as an operation's status: `state` when it is one, else `success` (the reference's).
+    store = OperationStore(lab.home / "pg", "pg")
+    good = ended(store, "recovery", state, "2026-11-25T10:00:00+00:00", 60, success=True)
+    bad = ended(store, "backup", state, "2026-11-25T11:00:00+00:00", 5, success=False)
+    assert samples(scrape(client), "pgba_operations", server="pg") == {
+        (("state", "succeeded"), ("type", "recovery")): 1, (("state", "failed"), ("type", "backup")): 1}
+    assert [client.get(f"/servers/pg/operations/{op_id}").json["status"] for op_id in (good, bad)] == ["DONE",
+                                                                                                       "FAILED"]
+
+
 def test_two_processes_answer_the_same_numbers(lab):
     """Everything comes from files: two gunicorn workers (two apps here) agree."""
     store = OperationStore(lab.home / "pg", "pg")
