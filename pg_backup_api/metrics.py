@@ -7,9 +7,8 @@ every gunicorn worker answers the same numbers.
 
 Cheap enough to scrape every 15 s: a server's catalogue is read again only when a stat of its
 files changes, how an operation ended is read once (by the store's operation index: output files
-are write-once), and `barman check`
-(which connects to PostgreSQL) runs in a detached process at most every `check_interval`
-seconds, its results kept in a file; a scrape never waits for it.
+are write-once), and `barman check` (which connects to PostgreSQL) runs in a detached process at
+most every `check_interval` seconds, its results kept in a file; a scrape never waits for it.
 """
 
 from __future__ import annotations
