@@ -369,8 +369,7 @@ def barman_json(config_path: str, *args: str, timeout: float = 120, json_format:
 
 
 def _json_document(text: str) -> Any:
-    """The JSON object that starts at the beginning of a line of *text* (Barman may print other lines
-    around it), or None."""
+    """The first JSON object that starts a line of *text* (Barman may print other lines around it), or None."""
     decoder = json.JSONDecoder()
     for start in re.finditer(r"^\{", text, re.MULTILINE):
         try:
@@ -381,8 +380,9 @@ def _json_document(text: str) -> Any:
 
 
 def diagnose(config_path: str, timeout: float = 120) -> Dict[str, Any]:
-    """Barman's `diagnose` document whenever Barman printed one, whatever its exit code: it holds each
-    server's own errors (a PostgreSQL that is down among them). BarmanNoDocument when it printed none."""
+    """Barman's `diagnose` document whenever Barman printed one, whatever its exit code; else BarmanNoDocument."""
+    # The document holds each server's own errors (a PostgreSQL that is down among them): they are no
+    # failure of the request.
     # `diagnose` prints its JSON document itself; `-f json` would wrap it in a string.
     argv = [barman_executable(), "-c", config_path, "diagnose"]
     try:

@@ -141,8 +141,8 @@ def _copy(server_config: ServerConfig) -> ServerConfig:
 
 
 def barman_server(server_config: ServerConfig) -> Any:
-    """Barman's Server for *server_config*, as every barman command builds it, on a copy: the loaded
-    configuration stays as loaded, however many Servers are built from it."""
+    """Barman's Server for *server_config*, as every barman command builds it, on a copy of it."""
+    # On a copy: the loaded configuration stays as loaded, however many Servers are built from it.
     from barman.server import Server  # heavy import: the service preloads it, workers never need it
 
     return Server(_copy(server_config))
@@ -155,9 +155,9 @@ def verdict(server_config: ServerConfig) -> Verdict:
 
 
 def problems(server_config: ServerConfig) -> List[Problem]:
-    """Barman's messages for the server (each disables it), and what else Barman's Server accepts but
-    then fails on: a retention policy it cannot parse, fewer than one copy process, a compression level
-    it checks only while PostgreSQL answers. An explicit `disabled = true` is no problem."""
+    """What stops the server working: Barman's messages (each disables it), and what Barman accepts then fails on."""
+    # Accepted then failed on: a retention policy Barman cannot parse, fewer than one copy process, a
+    # compression level Barman checks only while PostgreSQL answers. An explicit `disabled = true` is none.
     server = barman_server(server_config)
     config = server.config
     found = [Problem(DISABLED, str(m)) for m in config.msg_list]
@@ -200,8 +200,8 @@ def _compression_issues(server: Any, compression: Any) -> List[str]:
 
 
 def prove_switch(config: Config, server: str, model: Optional[str]) -> None:
-    """Refuse a config_switch (to *model*, or a reset when None) that leaves the server with a problem it
-    does not have now: the server as the next barman command builds it, its section then the model."""
+    """Refuse a config_switch (to *model*, a reset when None) that gives the server a problem it does not have."""
+    # The server as the next barman command builds it after the switch: its section, then the model.
     switched = ServerConfig(config, server)
     field = "reset"
     if model is not None:
