@@ -12,8 +12,9 @@ from typing import Iterator
 
 import pytest
 
+from pg_backup_api import metrics
 from tests import sandbox as stack
-from tests.e2e.conftest import Sandbox, Service, barman, sandbox_down, sandbox_up
+from tests.e2e.conftest import Sandbox, Service, barman, sandbox_down, sandbox_up, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -46,6 +47,11 @@ def copied_backup(sandbox: Sandbox, breakage: str) -> Iterator[Path]:
     finally:
         shutil.rmtree(base, ignore_errors=True)
         meta.unlink(missing_ok=True)
+        # A scrape meanwhile started the background `barman check`, which Barman fails on the broken
+        # file: wait for it, and drop its results, so the next scrape asks for fresh ones.
+        checks = metrics.metrics_dir(Path(sandbox["BARMAN_HOME"]))
+        wait_for(lambda: not (checks / metrics.PENDING_FILE).exists(), timeout=120, what="the background check")
+        (checks / metrics.CHECKS_FILE).unlink(missing_ok=True)
 
 
 @pytest.mark.parametrize("breakage", ["garbage", "mode 000"])
