@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import subprocess
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
+from glob import glob
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -16,8 +18,9 @@ from barman.config import Config
 from barman.infofile import BackupInfo
 
 from pg_backup_api import barman_config
-from pg_backup_api.barman_cli import BARMAN_VERSION, barman_executable
+from pg_backup_api.barman_cli import BARMAN_VERSION, barman_executable, errors_in
 from pg_backup_api.errors import (
+    BarmanNoDocument,
     BarmanUnavailable,
     ConfigurationError,
     InvalidRequest,
@@ -52,6 +55,8 @@ class BarmanConfig:
     # Files beside the configuration that change it: `.barman.auto.conf` (which `barman
     # config-update` writes) and each server's active model marker (which `config-switch` writes).
     model_markers: Tuple[str, ...] = ()
+    # What Barman's Server makes of each server, built once per load, when first asked.
+    _verdicts: Dict[str, barman_config.Verdict] = field(default_factory=dict, compare=False, repr=False)
 
     def current_fingerprint(self) -> Fingerprint:
         return _fingerprint(self.path, self.config.get("barman", "configuration_files_directory"),
@@ -75,6 +80,13 @@ class BarmanConfig:
         if server is None:
             raise NoSuchServer(name)
         return server
+
+    def verdict(self, name: str) -> barman_config.Verdict:
+        """`disabled` and the messages of server *name* as Barman's Server leaves them (`barman show-servers`)."""
+        found = self._verdicts.get(name)
+        if found is None:  # two requests may both build it: the same answer, once per load at worst
+            found = self._verdicts[name] = barman_config.verdict(self.server(name))
+        return found
 
 
 def _fingerprint(path: str, conf_dir: Optional[str], extra: Tuple[str, ...] = ()) -> Fingerprint:
@@ -158,9 +170,7 @@ class ConfigSource:
 
 
 def _server(server_config: Any) -> Any:
-    from barman.server import Server  # heavy import: the service preloads it, workers never need it
-
-    return Server(server_config)
+    return barman_config.barman_server(server_config)
 
 
 def preload() -> None:
@@ -178,6 +188,69 @@ class Backup:
     tablespace_locations: Tuple[Tuple[str, str], ...] = ()
     # Compressed, encrypted or incremental: Barman prepares it in a staging area first.
     needs_staging: bool = False
+
+
+@dataclass(frozen=True)
+class CorruptBackup:
+    """A backup whose backup.info Barman cannot read: every barman command of its server fails on it."""
+
+    backup_id: str
+    path: str
+    reason: str
+
+
+CORRUPT = "CORRUPT"  # the status a corrupt backup is listed with, beside Barman's own
+INFO_SUFFIX = "-backup.info"
+
+
+def _why(exc: Exception) -> str:
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return f"{exc.__class__.__name__}: {exc}"
+
+
+def _read_backups(server: Any) -> Tuple[Dict[str, Any], Dict[str, CorruptBackup]]:
+    """Every backup of the catalogue (any status), and those whose backup.info cannot be read.
+
+    Barman's listing stops at the first backup.info it cannot read; then each is read on its own, from
+    where Barman reads them (`base/<id>/backup.info`, then `meta/<id>-backup.info`, which wins).
+    """
+    try:
+        return server.get_available_backups(status_filter=BackupInfo.STATUS_ALL), {}
+    except Exception as exc:  # anything one file makes Barman raise
+        failure = exc
+    from barman.infofile import BackupInfoFactory
+
+    legacy = [(p, os.path.basename(os.path.dirname(p)))
+              for p in sorted(glob(f"{server.config.basebackups_directory}/*/backup.info"))]
+    meta = [(p, os.path.basename(p)[:-len(INFO_SUFFIX)])
+            for p in sorted(glob(f"{server.meta_directory}/*{INFO_SUFFIX}"))]
+    found: Dict[str, Any] = {}
+    corrupt: Dict[str, CorruptBackup] = {}
+    for path, backup_id in legacy + meta:
+        try:
+            info = BackupInfoFactory.build_backup_info(server, path)
+        except Exception as exc:
+            corrupt.setdefault(backup_id, CorruptBackup(backup_id, path, _why(exc)))
+            continue
+        found[info.backup_id] = info
+    if not corrupt:  # no file explains it: not ours to hide
+        raise failure
+    return {i: b for i, b in found.items() if i not in corrupt}, corrupt
+
+
+def _refuse_corrupt(server_config: Any, requested: str, corrupt: Dict[str, CorruptBackup], doing: str) -> None:
+    """Barman reads every backup.info of a server before it restores or shows any of its backups."""
+    if not corrupt:
+        return
+    if requested in corrupt:
+        bad = corrupt[requested]
+        raise Unprocessable(f"backup '{bad.backup_id}' of server '{server_config.name}' is corrupt: Barman cannot "
+                            f"read {bad.path} ({bad.reason}); repair it or move it aside")
+    bad = corrupt[min(corrupt)]
+    raise Unprocessable(f"server '{server_config.name}' has a corrupt backup '{bad.backup_id}': Barman cannot read "
+                        f"{bad.path} ({bad.reason}), and {doing} of any backup of server '{server_config.name}' "
+                        "fails until it is repaired or moved aside")
 
 
 def _backup(info: Any) -> Backup:
@@ -218,7 +291,8 @@ def resolve_backup(server_config: Any, requested: str, target_time: Optional[str
     if requested in LAST_FAILED:
         raise Unprocessable("backup_id 'last-failed' names a failed backup, which cannot be recovered")
     server = _server(server_config)
-    backups = server.get_available_backups(status_filter=BackupInfo.STATUS_ALL)
+    backups, corrupt = _read_backups(server)
+    _refuse_corrupt(server_config, requested, corrupt, "every barman restore")
     backup_id = _lookup(server, backups, requested, target_time, target_lsn)
     if backup_id is None or backup_id not in backups:
         raise NoSuchBackup(
@@ -294,20 +368,53 @@ def barman_json(config_path: str, *args: str, timeout: float = 120, json_format:
     return document
 
 
+def _json_document(text: str) -> Any:
+    """The first JSON object that starts a line of *text* (Barman may print other lines around it), or None."""
+    decoder = json.JSONDecoder()
+    for start in re.finditer(r"^\{", text, re.MULTILINE):
+        try:
+            return decoder.raw_decode(text, start.start())[0]
+        except ValueError:
+            continue
+    return None
+
+
 def diagnose(config_path: str, timeout: float = 120) -> Dict[str, Any]:
+    """Barman's `diagnose` document whenever Barman printed one, whatever its exit code; else BarmanNoDocument."""
+    # The document holds each server's own errors (a PostgreSQL that is down among them): they are no
+    # failure of the request.
     # `diagnose` prints its JSON document itself; `-f json` would wrap it in a string.
-    return barman_json(config_path, "diagnose", timeout=timeout, json_format=False)
+    argv = [barman_executable(), "-c", config_path, "diagnose"]
+    try:
+        proc = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                              timeout=timeout, check=False)
+    except subprocess.TimeoutExpired:
+        raise BarmanNoDocument(f"barman diagnose did not answer within {timeout:.0f} s") from None
+    document = _json_document(proc.stdout)
+    if isinstance(document, dict):
+        if proc.returncode:
+            log.warning("barman diagnose exited with code %s: %s", proc.returncode,
+                        "; ".join(errors_in(proc.stderr)) or "no error line")
+        return document
+    lines = errors_in(proc.stderr + "\n" + proc.stdout)
+    if not lines:
+        lines = [line.strip()[:400] for line in (proc.stderr or proc.stdout).splitlines() if line.strip()][:3]
+    raise BarmanNoDocument(f"barman diagnose printed no document (exit code {proc.returncode}): "
+                           f"{'; '.join(lines) or 'no output'}")
 
 
-def server_summary(server_config: Any) -> Dict[str, Any]:
+def server_summary(config: BarmanConfig, name: str) -> Dict[str, Any]:
+    """A server as `barman show-servers` shows it: `disabled` and `errors` (its msg_list) are Barman's Server's."""
+    server_config = config.server(name)
+    verdict = config.verdict(name)
     return {
         "name": server_config.name,
         "description": server_config.description,
         "active": bool(server_config.active),
-        "disabled": bool(server_config.disabled),
+        "disabled": verdict.disabled,
         "backup_method": server_config.backup_method,
         "active_model": getattr(server_config, "active_model", None) and server_config.active_model.name,
-        "errors": list(server_config.msg_list),
+        "errors": list(verdict.messages),
     }
 
 
@@ -333,16 +440,25 @@ def backup_summary(info: Any) -> Dict[str, Any]:
     }
 
 
+def corrupt_summary(bad: CorruptBackup) -> Dict[str, Any]:
+    return {"backup_id": bad.backup_id, "name": None, "status": CORRUPT, "backup_type": None, "begin_time": None,
+            "end_time": None, "size_bytes": None, "begin_wal": None, "end_wal": None, "timeline": None,
+            "parent_backup_id": None, "corrupt_file": bad.path, "reason": bad.reason}
+
+
 def list_backups(server_config: Any) -> List[Dict[str, Any]]:
-    """Every backup in the catalogue, oldest first, whatever its status."""
-    backups = _server(server_config).get_available_backups(status_filter=BackupInfo.STATUS_ALL)
-    return [backup_summary(backups[i]) for i in sorted(backups)]
+    """Every backup in the catalogue, oldest first, whatever its status; an unreadable one as CORRUPT."""
+    backups, corrupt = _read_backups(_server(server_config))
+    listed = {**{i: backup_summary(b) for i, b in backups.items()},
+              **{i: corrupt_summary(b) for i, b in corrupt.items()}}
+    return [listed[i] for i in sorted(listed)]
 
 
 def find_backup(server_config: Any, requested: str) -> str:
     """The id *requested* names, whatever the backup's status (for reading it)."""
     server = _server(server_config)
-    backups = server.get_available_backups(status_filter=BackupInfo.STATUS_ALL)
+    backups, corrupt = _read_backups(server)
+    _refuse_corrupt(server_config, requested, corrupt, "every barman show-backup")
     backup_id = _lookup(server, backups, requested)
     if backup_id is None or backup_id not in backups:
         raise NoSuchBackup(f"backup '{requested}' matches no backup of server '{server_config.name}'")
@@ -352,6 +468,12 @@ def find_backup(server_config: Any, requested: str) -> str:
 def prove_config_changes(config: BarmanConfig, changes: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
     """A config_update's changes, proven on a scratch copy of the configuration (see barman_config)."""
     return barman_config.prove_changes(config.config, changes)
+
+
+def prove_config_switch(config: BarmanConfig, server: str, model: Optional[str]) -> None:
+    """Refuse a config_switch to *model* (None: a reset) that Barman's Server of *server* would not survive."""
+    config.server(server)
+    barman_config.prove_switch(config.config, server, model)
 
 
 def config_changes_queue(config: BarmanConfig, running: bool) -> Dict[str, Any]:
@@ -451,12 +573,12 @@ def read_catalogue(server_config: Any) -> Catalogue:
 
     from barman import xlog
 
-    infos = _server(server_config).get_available_backups(status_filter=BackupInfo.STATUS_ALL)
+    infos, corrupt = _read_backups(_server(server_config))
     wals = _wal_lines(_xlogdb_path(server_config))
     names = [w[0] for w in wals]
     ordered = [infos[i] for i in sorted(infos)]
     copy_done = [b for b in ordered if b.status in RECOVERABLE]
-    backups = []
+    backups = [CatalogueBackup(b.backup_id, None, CORRUPT, None, None, 0, 0, 0.0) for b in corrupt.values()]
     for info in ordered:
         wal_size = 0
         if info.status in RECOVERABLE and info.begin_wal:
@@ -473,6 +595,7 @@ def read_catalogue(server_config: Any) -> Catalogue:
         backups.append(CatalogueBackup(
             info.backup_id, getattr(info, "backup_name", None), info.status, _epoch(info.begin_time),
             _epoch(info.end_time), int(info.size or 0), wal_size, float(copy_stats.get("copy_time") or 0)))
+    backups.sort(key=lambda b: b.backup_id)
     max_age = getattr(server_config, "last_backup_maximum_age", None)
     return Catalogue(tuple(backups), max(w[2] for w in wals) if wals else None,
                      max_age.total_seconds() if max_age is not None else None)

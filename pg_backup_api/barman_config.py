@@ -2,24 +2,27 @@
 
 Imported only by barman_adapter (the one module that talks to Barman). A `config_update` is
 applied to a scratch copy of every configuration file, with Barman's own editing function, and
-read back with Barman's own parser before the real `barman config-update` may run; Barman's
-queue of configuration changes is reported, snapshotted and restored here.
+read back with Barman's own parser, and Barman's own Server is built from it (where Barman disables
+a server), before the real `barman config-update` may run; Barman's queue of configuration changes
+is reported, snapshotted and restored here.
 """
 
 from __future__ import annotations
 
 import configparser
+import copy
 import errno
 import fcntl
 import json
 import os
 import shutil
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
 from glob import iglob
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from barman.config import (
     FORBIDDEN_SERVER_NAMES,
@@ -86,6 +89,133 @@ def probe_files(path: str) -> Tuple[Optional[str], Tuple[str, ...]]:
     except (configparser.Error, OSError, UnicodeDecodeError):
         return None, ()
     return conf_dir, ((os.path.expanduser(f"{home}/{AUTO_CONF}"),) if home else ())
+
+
+# -- what Barman's Server makes of a server's configuration -------------------------------------
+
+# Effects of a problem, as the refusal of a change states them.
+DISABLED = "would be disabled by Barman (`barman cron` skips it: no WAL archiving, no backups)"
+DISABLED_WHEN_REACHABLE = ("would be disabled by Barman whenever its PostgreSQL answers (`barman cron` then "
+                           "skips it: no WAL archiving, no backups)")
+NO_RETENTION = "would keep no retention policy (Barman ignores one it cannot parse, and `barman check` fails)"
+COPIES_FAIL = "would fail every recovery and every copy of a backup"
+# Barman's copy starts `parallel_jobs` processes, in batches of `parallel_jobs_start_batch_size`, and
+# fails on fewer than one only when a copy runs; its Server accepts both.
+AT_LEAST_ONE = {
+    "parallel_jobs": "Number of processes must be at least 1",
+    "parallel_jobs_start_batch_size": "IndexError: list index out of range",
+}
+# Barman checks a compression level against the algorithm only while PostgreSQL answers; the same
+# check without asking PostgreSQL passes what depends on its version.
+_PG_VERSION_NOT_ASKED = sys.maxsize
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """What Barman's Server makes of a server's configuration, as `barman show-servers` reports it."""
+
+    disabled: bool
+    messages: Tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Problem:
+    """Something that stops a server working: what it does to the server, and Barman's message."""
+
+    effect: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.effect}: {self.message}"
+
+
+def _copy(server_config: ServerConfig) -> ServerConfig:
+    """A copy Barman's Server may change (it disables, appends messages, converts values in place)."""
+    duplicate = copy.copy(server_config)
+    for key, value in vars(server_config).items():
+        if isinstance(value, CsvOption):
+            setattr(duplicate, key, type(value)(",".join(sorted(value)), key, f"[{server_config.name}] section"))
+        elif isinstance(value, (list, set, dict)):
+            setattr(duplicate, key, copy.copy(value))
+    return duplicate
+
+
+def barman_server(server_config: ServerConfig) -> Any:
+    """Barman's Server for *server_config*, as every barman command builds it, on a copy of it."""
+    # On a copy: the loaded configuration stays as loaded, however many Servers are built from it.
+    from barman.server import Server  # heavy import: the service preloads it, workers never need it
+
+    return Server(_copy(server_config))
+
+
+def verdict(server_config: ServerConfig) -> Verdict:
+    """`disabled` and `msg_list` as Barman's Server leaves them."""
+    config = barman_server(server_config).config
+    return Verdict(bool(config.disabled), tuple(config.msg_list))
+
+
+def problems(server_config: ServerConfig) -> List[Problem]:
+    """What stops the server working: Barman's messages (each disables it), and what Barman accepts then fails on."""
+    # Accepted then failed on: a retention policy Barman cannot parse, fewer than one copy process, a
+    # compression level Barman checks only while PostgreSQL answers. An explicit `disabled = true` is none.
+    server = barman_server(server_config)
+    config = server.config
+    found = [Problem(DISABLED, str(m)) for m in config.msg_list]
+    if config.retention_policy and not server.enforce_retention_policies:
+        found.append(Problem(NO_RETENTION, _retention_error(server)))
+    for key, failure in AT_LEAST_ONE.items():
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value < 1:
+            found.append(Problem(COPIES_FAIL, f"{key} is {value}, at least 1 is needed (Barman's copy fails with "
+                                              f"'{failure}')"))
+    compression = getattr(server.backup_manager.executor, "backup_compression", None)
+    if compression is not None:
+        found += [Problem(DISABLED_WHEN_REACHABLE, issue) for issue in _compression_issues(server, compression)
+                  if issue not in config.msg_list]
+    return found
+
+
+def _retention_error(server: Any) -> str:
+    from barman.exceptions import InvalidRetentionPolicy
+    from barman.retention_policies import RetentionPolicyFactory
+
+    try:
+        RetentionPolicyFactory.create("retention_policy", server.config.retention_policy, server=server)
+    except InvalidRetentionPolicy as exc:
+        return str(exc)
+    return f"invalid retention_policy {server.config.retention_policy!r}"
+
+
+def _compression_issues(server: Any, compression: Any) -> List[str]:
+    """Barman's own validation of backup_compression, without PostgreSQL (only pg_basebackup's version)."""
+    from barman.command_wrappers import PgBaseBackup
+
+    version = PgBaseBackup.get_version_info(server.path)["full_version"]
+    if version is None:  # no pg_basebackup: `barman check` says so, and no backup runs anyway
+        return []
+    try:
+        return [str(i) for i in compression.validate(_PG_VERSION_NOT_ASKED, {"pg_basebackup_version": version})]
+    except (KeyError, TypeError):  # a later Barman needs more of PostgreSQL's status: its own check stands
+        return []
+
+
+def prove_switch(config: Config, server: str, model: Optional[str]) -> None:
+    """Refuse a config_switch (to *model*, a reset when None) that gives the server a problem it does not have."""
+    # The server as the next barman command builds it after the switch: its section, then the model.
+    switched = ServerConfig(config, server)
+    field = "reset"
+    if model is not None:
+        field = "model_name"
+        chosen = config.get_model(model)
+        if chosen is None or chosen.cluster != switched.cluster:
+            return  # Barman refuses it itself, with its own message
+        switched.apply_model(chosen)
+    before = problems(config.get_server(server))
+    found = [p for p in problems(switched) if p not in before]
+    if found:
+        what = f"with model '{model}'" if model is not None else "without its model"
+        raise Unprocessable(f"field '{field}': {what} server '{server}' "
+                            f"{'; '.join(str(p) for p in found)}")
 
 
 # -- Barman's queue of configuration changes -------------------------------------------------
@@ -348,14 +478,8 @@ def prove_changes(config: Config, changes: List[Dict[str, Any]]) -> List[Dict[st
         loaded, why = _attempt(root, config, pending + new)
         if loaded is None:
             # Name the first key whose change breaks the configuration.
-            low, high = 0, len(new)  # pending + new[:low] loads; pending + new[:high] does not
-            while high - low > 1:
-                middle = (low + high) // 2
-                if _attempt(root, config, pending + new[:middle])[0] is None:
-                    high = middle
-                else:
-                    low = middle
-            culprit = items[high - 1]
+            culprit = items[_first_failing(len(new), lambda k: _attempt(root, config, pending + new[:k])[0] is None)
+                            - 1]
             raise InvalidRequest(f"field '{culprit.field}': with {culprit.value!r} Barman's configuration would "
                                  f"no longer load: {_hint(culprit.value, why)}")
         last = {(i.section, i.key): i for i in items}  # a key changed twice ends with its last value
@@ -364,6 +488,7 @@ def prove_changes(config: Config, changes: List[Dict[str, Any]]) -> List[Dict[st
             if not ok:
                 raise InvalidRequest(f"field '{item.field}': {item.value!r} does not survive Barman's "
                                      f"configuration parser: {_hint(item.value, why)}")
+        _refuse_new_problems(root, config, pending, new, items, loaded)
     for item in items:  # last: a bad value is the client's to fix whatever the file's owner
         if not _writable(item.config_file):
             raise Unprocessable(f"field '{item.field}': Barman would write it into {item.config_file}, "
@@ -373,6 +498,48 @@ def prove_changes(config: Config, changes: List[Dict[str, Any]]) -> List[Dict[st
         name_keys = ("scope", "server_name", "model_name")
         result.append({k: (v if k in name_keys else normalise_value(v)) for k, v in change.items()})
     return result
+
+
+def _first_failing(count: int, fails: Callable[[int], bool]) -> int:
+    """The smallest k in 1..*count* with fails(k), knowing fails(count) and not fails(0)."""
+    low, high = 0, count
+    while high - low > 1:
+        middle = (low + high) // 2
+        if fails(middle):
+            high = middle
+        else:
+            low = middle
+    return high
+
+
+def _affected(loaded: Config, items: List[Item]) -> List[str]:
+    """The servers the changes reach: those changed, and those whose active model is changed."""
+    servers = {i.section for i in items if i.scope == "server"}
+    models = {i.section for i in items if i.scope == "model"}
+    return sorted(s.name for s in loaded.servers()
+                  if s.name in servers or (s.active_model is not None and s.active_model.name in models))
+
+
+def _refuse_new_problems(root: str, config: Config, pending: List[ConfigChangeSet], new: List[ConfigChangeSet],
+                         items: List[Item], loaded: Config) -> None:
+    """Build Barman's Server of every server the changes reach, from the copy as it is with and without
+    them: refuse the first change that gives one a problem it did not have (see `problems`)."""
+    baseline = _attempt(root, config, pending)[0]
+    if baseline is None:  # the queue was proven to load above; the configuration itself loaded
+        return
+    for name in _affected(loaded, items):
+        before = problems(baseline.get_server(name))
+        found = [p for p in problems(loaded.get_server(name)) if p not in before]
+        if not found:
+            continue
+
+        def breaks(k: int, name: str = name, before: List[Problem] = before) -> bool:
+            prefix = _attempt(root, config, pending + new[:k])[0]
+            return prefix is None or any(p not in before for p in problems(prefix.get_server(name)))
+
+        culprit = items[_first_failing(len(new), breaks) - 1]
+        raise Unprocessable(f"field '{culprit.field}': with {culprit.value!r} server '{name}' "
+                            f"{'; '.join(str(p) for p in found)}")
 
 
 def _hint(value: str, why: str) -> str:

@@ -34,7 +34,7 @@ class Discovery:
 
     def list_servers(self) -> List[Dict[str, Any]]:
         config = self.config_source.get()
-        return [barman_adapter.server_summary(config.server(name)) for name in config.server_names]
+        return [barman_adapter.server_summary(config, name) for name in config.server_names]
 
     def config_changes_queue(self) -> Dict[str, Any]:
         """Barman's queue of configuration changes; `stuck` when changes wait and no config_update runs."""
@@ -44,7 +44,7 @@ class Discovery:
 
     def server_status(self, server: str) -> Dict[str, Any]:
         config = self.config_source.get()
-        summary = barman_adapter.server_summary(config.server(server))
+        summary = barman_adapter.server_summary(config, server)
         status = self._reads.run(f"status\0{server}", f"barman status of server '{server}'", lambda: (
             barman_adapter.barman_json(config.path, "status", "--", server, timeout=self.settings.check_timeout)))
         return {**summary, "status": status.get(server, {})}

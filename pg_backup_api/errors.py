@@ -69,6 +69,12 @@ class BarmanUnavailable(ApiError):
     status = 502
 
 
+class BarmanNoDocument(ApiError):
+    """A barman command whose whole answer is a document (`diagnose`) printed none: it failed or did not end."""
+
+    status = 503
+
+
 class CorruptState(ApiError):
     """A state file (job, output, claim, worker identity) exists but cannot be read or makes no sense."""
 

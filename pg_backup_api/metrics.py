@@ -285,6 +285,9 @@ class Metrics:
                                 labels=["number", "server"])
         total = GaugeMetricFamily("barman_backups_total", "Total number of backups", labels=["server"])
         failed = GaugeMetricFamily("barman_backups_failed", "Number of failed backups", labels=["server"])
+        corrupt = GaugeMetricFamily("pgba_backups_corrupt",
+                                    "Backups whose backup.info Barman cannot read (every barman command of the "
+                                    "server fails on them)", labels=["server"])
         last = GaugeMetricFamily("barman_last_backup", "Last successful backup timestamp", labels=["server"])
         first = GaugeMetricFamily("barman_first_backup", "First successful backup timestamp", labels=["server"])
         copy_time = GaugeMetricFamily("barman_last_backup_copy_time", "Last successful backup copy time",
@@ -314,6 +317,7 @@ class Metrics:
             done = [b for b in catalogue.backups if b.status == "DONE"]
             total.add_metric([name], len(done) + sum(b.status == "FAILED" for b in catalogue.backups))
             failed.add_metric([name], sum(b.status == "FAILED" for b in catalogue.backups))
+            corrupt.add_metric([name], sum(b.status == barman_adapter.CORRUPT for b in catalogue.backups))
             # number 1 is the newest successful backup, as the exporter numbers them.
             for number, backup in enumerate(reversed(done), 1):
                 size.add_metric([str(number), name], backup.size)
@@ -332,7 +336,7 @@ class Metrics:
             for check, value in sorted((checked.get(name) or {}).items()):
                 up.add_metric([check, name], value)
             updated.add_metric([name], now)
-        return [size, wal, total, failed, last, first, copy_time, up, updated, window_start, window_end, age,
+        return [size, wal, total, failed, corrupt, last, first, copy_time, up, updated, window_start, window_end, age,
                 check_time]
 
     def _config_changes(self) -> Iterable[Metric]:

@@ -272,6 +272,7 @@ class Service:
             barman_adapter.check_version("config_switch", (3, 10))
             if fields.get("model_name") and fields["model_name"] not in config.model_names:
                 raise NoSuchModel(fields["model_name"], config.model_names)
+            barman_adapter.prove_config_switch(config, server, fields.get("model_name"))
             claim_key, busy = f"config\0{server}", f"a configuration change of server '{server}' is running"
         else:
             barman_adapter.check_version("config_update", (3, 10))

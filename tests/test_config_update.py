@@ -251,3 +251,132 @@ def test_a_configuration_broken_from_the_start_heals_when_the_bad_file_goes(barm
     assert "reserved word 'all'" in response.json["error"]
     bad.unlink()
     assert client.get("/servers").status_code == 200
+
+
+# -- values Barman's parser accepts but Barman's server refuses ------------------------------------
+
+# Each: the changes, the key named, and what Barman (or the copy it would run) says.
+REFUSED_BY_BARMANS_SERVER = [
+    ({"network_compression": True}, "network_compression",
+     "network_compression option is not supported by postgres backup_method"),
+    ({"backup_compression": "zstd", "backup_compression_level": 999}, "backup_compression_level",
+     "backup_compression_level 999 unsupported by compression algorithm"),
+    ({"backup_compression": "gzip", "backup_compression_level": 42}, "backup_compression_level",
+     "backup_compression_level 42 unsupported by compression algorithm"),
+    ({"backup_compression": "lz4", "backup_compression_level": -5}, "backup_compression_level",
+     "backup_compression_level -5 unsupported by compression algorithm"),
+    ({"parallel_jobs": 0}, "parallel_jobs", "Number of processes must be at least 1"),
+    ({"retention_policy": "RECOVERY WINDOW OF 14 DAYZ"}, "retention_policy",
+     "Cannot parse option retention_policy: RECOVERY WINDOW OF 14 DAYZ"),
+]
+# A model file may set keys config_update does not take.
+REFUSED_IN_A_MODEL = [*REFUSED_BY_BARMANS_SERVER,
+                      ({"parallel_jobs_start_batch_size": 0}, "parallel_jobs_start_batch_size", "IndexError")]
+
+
+def case_id(case):
+    return f"{case[1]}-{list(case[0].values())[-1]}"
+
+
+@pytest.mark.parametrize("values, key, message", REFUSED_BY_BARMANS_SERVER,
+                         ids=[case_id(c) for c in REFUSED_BY_BARMANS_SERVER])
+def test_a_value_barmans_server_refuses_is_refused_and_the_server_stays_enabled(client, barman_files, spawned,
+                                                                                  values, key, message):
+    before = (barman_files.conf_dir / "pg.conf").read_text()
+    response = post(client, {"scope": "server", "server_name": "pg", "description": "fine", **values})
+    assert response.status_code == 422, response.json
+    assert f"field 'changes.0.{key}'" in response.json["error"]
+    assert "server 'pg'" in response.json["error"]
+    assert message in response.json["error"]
+    assert spawned.calls == []
+    assert (barman_files.conf_dir / "pg.conf").read_text() == before
+    assert not queue_file(barman_files).exists()
+    assert (server_summary(client)["disabled"], server_summary(client)["errors"]) == (False, [])
+
+
+def test_the_change_that_breaks_barmans_server_is_named_among_good_ones(client):
+    response = post(client, {"scope": "server", "server_name": "pg", "description": "fine"},
+                    {"scope": "server", "server_name": "pg", "archiver": "on", "network_compression": "on"},
+                    {"scope": "server", "server_name": "pg", "parallel_jobs": 4})
+    assert response.status_code == 422, response.json
+    assert "field 'changes.1.network_compression'" in response.json["error"]
+
+
+@pytest.mark.parametrize("change", [{"description": "still disabled, as before"}, {"network_compression": False}])
+def test_a_server_already_disabled_may_still_be_changed_or_fixed(client, barman_files, change):
+    with open(barman_files.conf_dir / "pg.conf", "a") as conf:
+        conf.write("network_compression = true\n")
+    assert server_summary(client)["disabled"] is True
+    response = post(client, {"scope": "server", "server_name": "pg", **change})
+    assert response.status_code == 202, response.json
+
+
+def active_model(barman_files, model, server="pg"):
+    marker = barman_files.home / server / ".active-model.auto"
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.write_text(model)
+
+
+def test_a_change_of_the_active_model_that_barmans_server_refuses_is_refused(client, barman_files):
+    active_model(barman_files, "pg-dr")
+    assert server_summary(client)["active_model"] == "pg-dr"
+    response = post(client, {"scope": "model", "model_name": "pg-dr", "network_compression": True})
+    assert response.status_code == 422, response.json
+    assert "field 'changes.0.network_compression'" in response.json["error"]
+    assert "server 'pg'" in response.json["error"]
+    assert "network_compression option is not supported by postgres backup_method" in response.json["error"]
+
+
+@pytest.mark.parametrize("values, key, message", REFUSED_IN_A_MODEL, ids=[case_id(c) for c in REFUSED_IN_A_MODEL])
+def test_a_config_switch_to_a_model_barmans_server_refuses_is_refused(client, barman_files, spawned,
+                                                                        values, key, message):
+    lines = "".join(f"{k} = {'true' if v is True else v}\n" for k, v in values.items())
+    (barman_files.conf_dir / "pg-bad.conf").write_text(f"[pg-bad]\ncluster = pg\nmodel = true\n{lines}")
+    response = client.post("/servers/pg/operations", json={"type": "config_switch", "model_name": "pg-bad"})
+    assert response.status_code == 422, response.json
+    assert "field 'model_name'" in response.json["error"]
+    assert "model 'pg-bad'" in response.json["error"] and "server 'pg'" in response.json["error"]
+    assert message in response.json["error"]
+    assert spawned.calls == []
+    assert client.post("/servers/pg/operations", json={"type": "config_switch", "model_name": "pg-dr"}
+                       ).status_code == 202
+
+
+def test_a_model_edited_then_switched_to_is_refused_at_the_switch(client, barman_files):
+    # The model is not active: the edit breaks no server yet; switching to it would.
+    assert post(client, {"scope": "model", "model_name": "pg-dr", "parallel_jobs": 0}).status_code == 202
+    (barman_files.conf_dir / "pg-model.conf").write_text(
+        "[pg-dr]\ncluster = pg\nmodel = true\nparallel_jobs = 0\n")  # as Barman's config-update writes it
+    response = client.post("/servers/pg/operations", json={"type": "config_switch", "model_name": "pg-dr"})
+    assert response.status_code == 422, response.json
+    assert "parallel_jobs is 0" in response.json["error"]
+
+
+def test_a_config_switch_reset_back_to_a_broken_section_is_refused(client, barman_files):
+    with open(barman_files.conf_dir / "pg.conf", "a") as conf:
+        conf.write("parallel_jobs = 0\n")
+    (barman_files.conf_dir / "pg-model.conf").write_text("[pg-dr]\ncluster = pg\nmodel = true\nparallel_jobs = 2\n")
+    active_model(barman_files, "pg-dr")
+    response = client.post("/servers/pg/operations", json={"type": "config_switch", "reset": True})
+    assert response.status_code == 422, response.json
+    assert "field 'reset'" in response.json["error"] and "parallel_jobs is 0" in response.json["error"]
+
+
+# -- GET /servers says what Barman's server says --------------------------------------------------
+
+def test_get_servers_reports_a_server_barman_disables_with_barmans_messages(client, barman_files):
+    with open(barman_files.conf_dir / "pg.conf", "a") as conf:
+        conf.write("network_compression = true\n")
+    summary = server_summary(client)
+    assert summary["disabled"] is True
+    assert summary["errors"] == ["network_compression option is not supported by postgres backup_method"]
+    assert client.get("/servers/pg").json["disabled"] is True
+
+
+def test_barmans_messages_are_not_repeated_by_later_reads_of_the_catalogue(client, barman_files):
+    with open(barman_files.conf_dir / "pg.conf", "a") as conf:
+        conf.write("network_compression = true\n")
+    barman_files.add_backup("20261127T010000")
+    for _ in range(3):  # each read builds Barman's Server, which appends its messages to what it is given
+        assert client.get("/servers/pg/backups").status_code == 200
+    assert server_summary(client)["errors"] == ["network_compression option is not supported by postgres backup_method"]

@@ -107,6 +107,13 @@ def sandbox_down(directory: Path) -> None:
         shutil.rmtree(directory, ignore_errors=True)
 
 
+def barman(sandbox: Sandbox, *args: str) -> subprocess.CompletedProcess:
+    """The `barman` command as the Barman user, with the service's configuration file."""
+    return subprocess.run(["runuser", "-u", sandbox["BARMAN_USER"], "--", "env", f"HOME={sandbox['BARMAN_HOME']}",
+                           str(VENV / "bin" / "barman"), "-c", sandbox["BARMAN_CONF"], *args],
+                          stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=300)
+
+
 @pytest.fixture(scope="session")
 def sandbox() -> Iterator[Sandbox]:
     if os.geteuid() != 0:
