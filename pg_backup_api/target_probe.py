@@ -99,7 +99,7 @@ def probe(ssh_argv: Sequence[str], paths: Sequence[str]) -> Dict[str, effects.On
         done = subprocess.run(probe_argv(ssh_argv, paths), input=SCRIPT.encode(), capture_output=True,
                               timeout=TIMEOUT, shell=False)
     except subprocess.TimeoutExpired:
-        raise _refuse(host, f"no answer within {TIMEOUT:.0f} s") from None
+        raise _refuse(host, f"no answer within {TIMEOUT:g} s") from None
     except OSError as exc:
         raise _refuse(host, f"cannot run {ssh_argv[0]}: {exc.strerror or exc}") from None
     if done.returncode != 0:
