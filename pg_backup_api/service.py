@@ -268,8 +268,10 @@ class Service:
             # Last, as it costs an ssh round trip: the same rules where the paths really lead on the target.
             fields["resolved_destination_directory"] = self._check_on_target(config, server, command, found)
             # One recovery at a time into a given directory of a given host.
-            claim_key = f"recovery\0{target.key}\0{fields['resolved_destination_directory']}"
-            busy = f"a recovery into {fields['destination_directory']} on {target.key} is already running"
+            where, real = fields["destination_directory"], fields["resolved_destination_directory"]
+            claim_key = f"recovery\0{target.key}\0{real}"
+            shown = where if real == where else f"{where} ({real} on the target host)"
+            busy = f"a recovery into {shown} on {target.key} is already running"
         elif op_type is OperationType.BACKUP:
             if fields.get("incremental"):
                 fields["incremental"] = barman_adapter.resolve_backup(

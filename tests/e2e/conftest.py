@@ -100,6 +100,7 @@ class Sandbox:
         directory = Path(self.restore_dir(name))
         self.as_target_user("mkdir", "-p", str(directory))
         for file_name, data in (files or {"somebody-elses.data": b"precious\n"}).items():
+            self.as_target_user("mkdir", "-p", str((directory / file_name).parent))
             subprocess.run(["runuser", "-u", TARGET_USER, "--", "tee", str(directory / file_name)], input=data,
                            stdout=subprocess.DEVNULL, check=True, timeout=60)
         return directory
