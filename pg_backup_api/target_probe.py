@@ -3,8 +3,9 @@
 The operation's own validated ssh command runs SCRIPT (POSIX sh, sent on its standard input) with
 the paths as arguments. For each path it reports what is there (nothing; an empty directory; a
 directory that holds something; one it cannot list; anything else) and its real path: every
-symbolic link followed as far as the path exists, the part that does not exist yet appended, as
-GNU's `realpath -m` would say (written with `cd -P`, `pwd -P` and `readlink`, which every Unix has).
+symbolic link followed, component by component from the left, the part that does not exist yet
+kept as it is, as GNU's `realpath -m` and Python's `os.path.realpath` say (written with `test -L` and
+`readlink`, which every Unix has).
 """
 
 from __future__ import annotations
@@ -25,37 +26,47 @@ MARK = b"pg-backup-api-probe 1\0"
 
 # Paths arrive as arguments ("$@"), never inside the script's text. Each answer is two NUL-terminated
 # fields (a path may hold any other byte): the kind, then the real path followed by "x", so that a
-# trailing newline survives the command substitution, or nothing when it cannot be resolved.
+# trailing newline survives the command substitution, or nothing when it cannot be resolved (more
+# than 40 links on the way, as the kernel's limit: a loop). `..` goes up from what is already
+# resolved, which holds no link any more, so it is the parent the kernel would take.
 SCRIPT = r"""
-unset CDPATH
 LC_ALL=C
 export LC_ALL
 real() {
-	p=$1
-	rest=
+	todo=$1
+	done=
 	hops=0
-	while :; do
-		if [ -d "$p" ]; then
-			d=$(cd -P "$p" && pwd -P && echo x) || return 1
-			d=${d%?x}
-			printf '%s%s' "${d%/}" "$rest"
-			return 0
-		fi
-		if [ -L "$p" ]; then
+	while [ -n "$todo" ]; do
+		todo=${todo#/}
+		case $todo in
+		*/*)
+			c=${todo%%/*}
+			todo=/${todo#*/}
+			;;
+		*)
+			c=$todo
+			todo=
+			;;
+		esac
+		case $c in
+		'' | .) continue ;;
+		..)
+			done=${done%/*}
+			continue
+			;;
+		esac
+		if [ -L "$done/$c" ]; then
 			hops=$((hops + 1))
 			[ "$hops" -le 40 ] || return 1
-			t=$(readlink "$p" && echo x) || return 1
+			t=$(readlink "$done/$c" && echo x) || return 1
 			t=${t%?x}
-			case $t in
-			/*) p=$t ;;
-			*) p=${p%/*}/$t ;;
-			esac
+			case $t in /*) done= ;; esac
+			todo=/$t$todo
 		else
-			rest=/${p##*/}$rest
-			p=${p%/*}
-			[ -n "$p" ] || p=/
+			done=$done/$c
 		fi
 	done
+	printf '%s' "$done"
 }
 kind() {
 	if [ -d "$1" ]; then
