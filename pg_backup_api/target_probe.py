@@ -11,11 +11,13 @@ kept as it is, as GNU's `realpath -m` and Python's `os.path.realpath` say (writt
 from __future__ import annotations
 
 import posixpath
+import random
 import shlex
 import subprocess
+import time
 from typing import Any, Callable, Dict, Mapping, Optional, Sequence
 
-from pg_backup_api import effects
+from pg_backup_api import effects, ssh_master
 from pg_backup_api.errors import ApiError, Unprocessable
 
 FIELD = "remote_ssh_command"
@@ -106,18 +108,26 @@ def probe_argv(ssh_argv: Sequence[str], paths: Sequence[str]) -> list:
 def probe(ssh_argv: Sequence[str], paths: Sequence[str]) -> Dict[str, effects.OnTarget]:
     """Ask the target host about *paths* over *ssh_argv* (tokens of a validated ssh command)."""
     host = ssh_argv[-1]
-    try:
-        done = subprocess.run(probe_argv(ssh_argv, paths), input=SCRIPT.encode(), capture_output=True,
-                              timeout=TIMEOUT, shell=False)
-    except subprocess.TimeoutExpired:
-        raise _refuse(host, f"no answer within {TIMEOUT:g} s") from None
-    except OSError as exc:
-        raise _refuse(host, f"cannot run {ssh_argv[0]}: {exc.strerror or exc}") from None
-    if done.returncode != 0:
+    deadline = time.monotonic() + TIMEOUT
+    # A burst of POSTs to one host meets sshd's MaxStartups as a burst of recoveries does: the same retries.
+    for delay in (*ssh_master.RETRY_DELAYS, None):
+        try:
+            done = subprocess.run(probe_argv(ssh_argv, paths), input=SCRIPT.encode(), capture_output=True,
+                                  timeout=max(1.0, deadline - time.monotonic()), shell=False)
+        except subprocess.TimeoutExpired:
+            raise _refuse(host, f"no answer within {TIMEOUT:g} s") from None
+        except OSError as exc:
+            raise _refuse(host, f"cannot run {ssh_argv[0]}: {exc.strerror or exc}") from None
+        if done.returncode == 0:
+            return parse(done.stdout, paths, host)
         said = " ".join(done.stderr.decode("utf-8", "replace").split())[:300]
-        who = "ssh" if done.returncode == 255 else "the check on the target host"
-        raise _refuse(host, f"{who} exited with code {done.returncode}" + (f": {said}" if said else ""))
-    return parse(done.stdout, paths, host)
+        pause = delay * random.uniform(0.5, 1.5) if delay is not None else 0.0
+        if (done.returncode != 255 or delay is None or not ssh_master.RETRYABLE.search(said)
+                or time.monotonic() + pause > deadline):
+            break
+        time.sleep(pause)
+    who = "ssh" if done.returncode == 255 else "the check on the target host"
+    raise _refuse(host, f"{who} exited with code {done.returncode}" + (f": {said}" if said else ""))
 
 
 def parse(answer: bytes, paths: Sequence[str], host: str = "") -> Dict[str, effects.OnTarget]:

@@ -217,6 +217,37 @@ def test_a_host_ssh_cannot_reach_is_a_422_naming_ssh_s_failure():
     assert "\n" not in refused.value.message
 
 
+def test_a_connection_sshd_drops_in_a_burst_is_retried(tmp_path, monkeypatch):
+    # sshd beyond MaxStartups closes the connection during the key exchange: retried, as the ssh master is.
+    tries = tmp_path / "tries"
+    flaky = tmp_path / "ssh"
+    flaky.write_text(textwrap.dedent(f"""\
+        #!/bin/sh
+        echo x >> {tries}
+        if [ "$(wc -l < {tries})" -lt 3 ]; then
+            echo "kex_exchange_identification: Connection closed by remote host" >&2
+            exit 255
+        fi
+        for last; do :; done
+        exec sh -c "$last"
+        """))
+    flaky.chmod(0o755)
+    monkeypatch.setattr(target_probe.ssh_master, "RETRY_DELAYS", (0.01, 0.01, 0.01))
+    seen = probe([str(flaky), "db2"], [str(tmp_path / "restore")])
+    assert seen[str(tmp_path / "restore")].kind == "absent"
+    assert len(tries.read_text().splitlines()) == 3
+
+
+def test_a_refused_connection_is_not_retried(tmp_path):
+    tries = tmp_path / "tries"
+    refused = tmp_path / "ssh"
+    refused.write_text(f"#!/bin/sh\necho x >> {tries}\necho 'Permission denied (publickey).' >&2\nexit 255\n")
+    refused.chmod(0o755)
+    with pytest.raises(Unprocessable, match=r"ssh exited with code 255: Permission denied \(publickey\)\.$"):
+        probe([str(refused), "db2"], ["/srv/x"])
+    assert len(tries.read_text().splitlines()) == 1
+
+
 def test_a_probe_that_does_not_answer_in_time_is_a_422(tmp_path, monkeypatch):
     silent = tmp_path / "ssh"
     silent.write_text("#!/bin/sh\nexec sleep 30\n")
