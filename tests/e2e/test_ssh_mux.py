@@ -216,7 +216,9 @@ def recovering_into(prefix: str) -> set:
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
             with open(f"/proc/{pid}/cmdline", "rb") as f:
-                found.update(pattern.findall(f.read().decode("utf-8", "replace")))
+                argv = f.read().decode("utf-8", "replace").replace("\0", " ")
+            if "sh -s -- " not in argv:  # not the service's look at the paths before it accepts a recovery
+                found.update(pattern.findall(argv))
         except OSError:
             continue  # ended meanwhile
     return found
