@@ -22,6 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 WRK_SCRIPT = Path(__file__).resolve().parent / "wrk.lua"
 PACKAGED_CONF = ROOT / "packaging" / "gunicorn.conf.py"
 VENV_BIN = Path(sys.executable).parent
+STAND_IN_SSH_DIR = Path(__file__).resolve().parent / "bin"
 HOST = "127.0.0.1"
 
 
@@ -47,9 +48,10 @@ class Gunicorn:
         # refuses ssh, where an ssh master would retry for seconds; `--restore` measures multiplexing.
         service_conf = fixture.root / "pg-backup-api.conf"
         service_conf.write_text("[api]\nssh_multiplex = off\n")
+        # bench/bin/ssh first: it answers the service's look at the target's paths from this machine.
         self.env = {**os.environ, "PG_BACKUP_API_BARMAN_CONF": str(fixture.conf),
-                    "PG_BACKUP_API_CONFIG": str(service_conf),
-                    "PYTHONPATH": str(code), "PATH": f"{VENV_BIN}:{os.environ.get('PATH', '/usr/bin:/bin')}"}
+                    "PG_BACKUP_API_CONFIG": str(service_conf), "PYTHONPATH": str(code),
+                    "PATH": f"{STAND_IN_SSH_DIR}:{VENV_BIN}:{os.environ.get('PATH', '/usr/bin:/bin')}"}
         argv = [str(VENV_BIN / "gunicorn"), "--workers", str(workers), "--worker-class", "sync",
                 "--bind", f"{HOST}:{self.port}", "pg_backup_api.app:application"]
         if packaged:

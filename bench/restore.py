@@ -402,8 +402,9 @@ class RestoreBench:
             ratio = m.median / hand
             target, verdict = "", ""
             if variant == MUX and link.name == "loopback":
-                target = f"<= {TARGET_RATIO} x by hand, 1 connection"
-                met = ratio <= TARGET_RATIO and statistics.median(m.connections) == 1
+                # The service's look at the recovery's paths when it accepts it, then the worker's master.
+                target = f"<= {TARGET_RATIO} x by hand, 2 connections"
+                met = ratio <= TARGET_RATIO and statistics.median(m.connections) == 2
                 verdict = "(quick)" if self.runs == 1 and not self.with_latency else "met" if met else "MISSED"
                 self.targets_met &= met
             self.rows.append(f"| {variant} | {link.name} | {len(m.seconds)} | {m.median:.2f} | "

@@ -9,16 +9,17 @@ table against the OpenAPI document).
 from __future__ import annotations
 
 import posixpath
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from pg_backup_api import paths
-from pg_backup_api.errors import ApiError, InvalidRequest, Unprocessable
+from pg_backup_api.errors import ApiError, Conflict, InvalidRequest, Unprocessable
 from pg_backup_api.operations import TARGETS, OperationType
 
 # What Barman (or PostgreSQL, from what Barman writes) does to a path.
 WIPE = "wiped and rewritten by Barman (rsync --delete)"
-STAGE = "created and filled with WAL by Barman, then removed with rm -fr by PostgreSQL at the end of recovery"
+STAGE = ("created and filled with WAL by Barman, then removed with rm -fr by PostgreSQL at the end of recovery, "
+         "with everything in it (so it must not exist or be empty)")
 STAGE_SUBDIRS = "sub-directories created, filled and removed by Barman (staging_location = remote)"
 
 # Never written into, nor anything below them.
@@ -44,6 +45,7 @@ class Effect:
     action: str
     field: str
     origin: str = ""  # when the path is not the client's: where it comes from
+    resolved_from: str = ""  # when *path* is where this path leads on the target host (symbolic links followed)
 
 
 @dataclass(frozen=True)
@@ -98,6 +100,8 @@ FIELD_EFFECTS: Dict[OperationType, Dict[str, Declared]] = {
 RECORDED_FIELDS: Dict[str, Declared] = {
     "requested_by": _none("who asked, recorded in the job"),
     "resolved_backup_id": _none("the backup chosen, recorded in the job"),
+    "resolved_destination_directory": _none("where destination_directory leads on the target host (symbolic "
+                                            "links followed), recorded in the job and claimed"),
 }
 
 
@@ -206,7 +210,13 @@ def check_effects(effects: Sequence[Effect], rules: PathRules) -> None:
     for effect in effects:
         if not isinstance(effect.path, str):
             raise InvalidRequest(f"field '{effect.field}' must be a string")
-        paths.check_target_path(effect.field, effect.path)
+        try:
+            paths.check_target_path(effect.field, effect.path)
+        except InvalidRequest:
+            if not effect.resolved_from:
+                raise
+            raise _refuse(effect, "not a normalised absolute path of letters, digits and ._-/ only",
+                          repr(effect.path)) from None
     for effect in effects:
         _check_built_in(effect, rules)
     _check_overlaps(effects)
@@ -215,9 +225,17 @@ def check_effects(effects: Sequence[Effect], rules: PathRules) -> None:
             _check_allowed(effect, rules)
 
 
-def _refuse(effect: Effect, why: str) -> InvalidRequest:
+def _subject(effect: Effect, shown: Optional[str] = None) -> str:
+    """"field 'F' (origin): PATH", or for a resolved path "...: LINK resolves on the target host to PATH, which"."""
     origin = f" ({effect.origin})" if effect.origin else ""
-    return InvalidRequest(f"field '{effect.field}'{origin}: {effect.path} is {why}; it would be {effect.action}")
+    path = effect.path if shown is None else shown
+    if effect.resolved_from:
+        return f"field '{effect.field}'{origin}: {effect.resolved_from} resolves on the target host to {path}, which"
+    return f"field '{effect.field}'{origin}: {path}"
+
+
+def _refuse(effect: Effect, why: str, shown: Optional[str] = None) -> InvalidRequest:
+    return InvalidRequest(f"{_subject(effect, shown)} is {why}; it would be {effect.action}")
 
 
 def _check_built_in(effect: Effect, rules: PathRules) -> None:
@@ -258,20 +276,77 @@ def _check_overlaps(effects: Sequence[Effect]) -> None:
         for second in checked[i + 1:]:
             if first.host.lower() != second.host.lower():
                 continue
+            where = " on the target host" if first.resolved_from or second.resolved_from else ""
             if first.path == second.path:
                 raise InvalidRequest(f"fields '{first.field}' and '{second.field}' name the same directory "
-                                     f"{first.path}: one would be {first.action}, the other {second.action}")
+                                     f"{first.path}{where}: one would be {first.action}, the other {second.action}")
             for inner, outer in ((first, second), (second, first)):
                 if is_within(inner.path, outer.path) and not _nesting_allowed(inner, outer):
                     raise InvalidRequest(
-                        f"field '{inner.field}': {inner.path} is inside {outer.path} (field '{outer.field}'), "
+                        f"{_subject(inner)} is inside {outer.path}{where} (field '{outer.field}'), "
                         f"which would be {outer.action}")
 
 
 def _check_allowed(effect: Effect, rules: PathRules) -> None:
     if not any(is_within(effect.path, _normalised(allowed)) for allowed in rules.allowed_destinations):
-        origin = f" ({effect.origin})" if effect.origin else ""
         raise Unprocessable(
-            f"field '{effect.field}'{origin}: {effect.path} is not under an allowed destination of server "
+            f"{_subject(effect)} is not under an allowed destination of server "
             f"'{rules.server}' (allowed: {', '.join(rules.allowed_destinations)}); it would be {effect.action}")
+
+
+# What the target host says is at a path (target_probe.py asks it).
+ABSENT = "absent"  # nothing, not even a symbolic link
+EMPTY = "empty"  # an empty directory (or a link to one)
+FILLED = "filled"  # a directory that holds something
+UNREADABLE = "unreadable"  # a directory whose entries the ssh user cannot list
+OTHER = "other"  # anything else: a file, a dangling symbolic link, a socket...
+KINDS = (ABSENT, EMPTY, FILLED, UNREADABLE, OTHER)
+
+
+@dataclass(frozen=True)
+class OnTarget:
+    """One path as the target host sees it: what is there, and where it really leads."""
+
+    kind: str
+    real: Optional[str]  # every symbolic link followed; None when it cannot be (a loop of links)
+
+
+def check_on_target(effects: Sequence[Effect], seen: Mapping[str, OnTarget], rules: PathRules) -> List[Effect]:
+    """The path rules again on where each path really leads on the target, then the staging rule.
+
+    *seen* has an answer for every effect's path. Returns the effects with their real paths.
+    InvalidRequest (400) or Unprocessable (422) as check_effects; Conflict (409) for a staging
+    directory that PostgreSQL would delete with what it holds.
+    """
+    resolved = []
+    for effect in effects:
+        real = seen[effect.path].real
+        if real is None:
+            raise Unprocessable(f"{_subject(effect)} cannot be resolved on the target host (a loop of symbolic "
+                                f"links, or no readlink there); it would be {effect.action}")
+        resolved.append(effect if real == effect.path else replace(effect, path=real, resolved_from=effect.path))
+    check_effects(resolved, rules)
+    for effect in effects:
+        refusal = staging_refusal(effect, seen[effect.path])
+        if refusal is not None:
+            raise Conflict(refusal)
+    return resolved
+
+
+_NOT_EMPTY = {FILLED: "is a directory that holds files", UNREADABLE: "is a directory whose entries cannot be "
+              "listed", OTHER: "exists and is not a directory"}
+
+
+def staging_refusal(effect: Effect, found: OnTarget) -> Optional[str]:
+    """Why a staging directory the client named must not be used as it is on the target, or None.
+
+    PostgreSQL deletes it with everything in it (recovery_end_command 'rm -fr DIR'): it must not
+    exist or be empty. Barman's default (barman_wal inside the destination) needs no such check: the
+    destination is empty or absent (Barman refuses one that is not), and so is anything inside it.
+    """
+    if effect.action != STAGE or effect.origin or found.kind in (ABSENT, EMPTY):
+        return None
+    return (f"field '{effect.field}': {effect.path} {_NOT_EMPTY[found.kind]} on the target host; PostgreSQL would "
+            f"delete it and everything in it at the end of recovery (recovery_end_command 'rm -fr {effect.path}'): "
+            "name a directory that does not exist or is empty")
 

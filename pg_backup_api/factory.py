@@ -11,11 +11,14 @@ if TYPE_CHECKING:
 
     from pg_backup_api.service import Spawn
     from pg_backup_api.settings import Settings
+    from pg_backup_api.target_probe import Probe
 
-def create_app(settings: Optional["Settings"] = None, spawn: Optional["Spawn"] = None) -> "Flask":
+def create_app(settings: Optional["Settings"] = None, spawn: Optional["Spawn"] = None,
+               probe: Optional["Probe"] = None) -> "Flask":
     """The application factory; *settings* default to the PG_BACKUP_API_* environment.
 
-    *spawn* replaces how workers are started: tests use it to stay in-process.
+    *spawn* replaces how workers are started, *probe* how a recovery's target host is asked about its
+    paths: tests use them to stay in-process and off the network.
     """
     # Imported here, not at the top: the worker (`python -m pg_backup_api recovery ...`) imports
     # this package too, and each recovery would pay for Flask's import otherwise.
@@ -32,7 +35,7 @@ def create_app(settings: Optional["Settings"] = None, spawn: Optional["Spawn"] =
     app = Flask("pg_backup_api")
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     app.json.sort_keys = False
-    service = Service(settings, spawn or spawn_worker)
+    service = Service(settings, spawn or spawn_worker, probe)
     try:
         service.reconcile_all()
     except ApiError as exc:

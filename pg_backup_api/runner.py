@@ -12,9 +12,9 @@ import traceback
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
-from pg_backup_api import barman_cli, processes, ssh_command, ssh_master
+from pg_backup_api import barman_cli, processes, ssh_command, ssh_master, target_probe
 from pg_backup_api.claims import Claims
 from pg_backup_api.errors import ApiError
 from pg_backup_api.operations import (
@@ -109,6 +109,7 @@ class Worker:
         self.marker = operation_marker(server, op_id)
         self.child: Optional[subprocess.Popen] = None
         self.signalled: Optional[int] = None
+        self.refused: Optional[str] = None  # why a last check before barman refused to start it
         # Installed before the worker records itself (here or in ssh_master, whichever is first):
         # from then on a cancel may signal it, and a signal must never be lost, whether barman
         # or the ssh master has started or not.
@@ -130,8 +131,14 @@ class Worker:
         """The operation's processes but this one (its group, the ssh master included)."""
         return [p for p in processes.group_members(os.getpgrp(), self.marker) if p != os.getpid()]
 
-    def run(self, argv: List[str]) -> Tuple[Optional[int], str]:
+    def run(self, argv: List[str], last_check: Optional[Callable[[], Optional[str]]] = None
+            ) -> Tuple[Optional[int], str]:
+        """Run barman unless *last_check* (outside the lock: it may take an ssh round trip) says why not."""
         self.store.record_worker(self.op_id, processes.identity().to_json())
+        self.refused = last_check() if last_check is not None else None
+        if self.refused is not None:
+            log.warning("operation %s: barman not started: %s", self.op_id, self.refused)
+            return None, f"pg-backup-api: barman not started: {self.refused}\n"
         # Starting barman is decided under the operation's lock, which the service's "lost" and
         # "cancel" verdicts take too: whichever comes second sees the first.
         with self.store.operation_lock(self.op_id):
@@ -227,7 +234,7 @@ class Worker:
         if self.signalled is not None:
             return State.FAILED, f"the worker received signal {signal.Signals(self.signalled).name}"
         if exit_code is None:
-            return State.FAILED, "barman did not run"
+            return State.FAILED, self.refused or "barman did not run"
         if exit_code < 0:
             return State.FAILED, f"barman was killed by signal {signal.Signals(-exit_code).name}"
         why = f"barman exited with code {exit_code}"
@@ -284,7 +291,8 @@ def run_operation(op_type: OperationType, barman_conf: str, server: Optional[str
                 # worker's for as long as Barman runs; the job file keeps the client's command.
                 with ssh_master.multiplexed(op_type, job, home, server, op_id, store) as ssh:
                     argv = _argv(op_type, barman_conf, server or "", ssh.job)
-                    exit_code, output = worker.run(argv)
+                    # A queued recovery may start long after it was accepted: its staging directory again.
+                    exit_code, output = worker.run(argv, lambda: target_probe.recheck_staging(ssh.job))
                     output = waited + ssh.note + output
                 # --- end of ssh multiplexing
             else:  # barman does not start: run() says why, under the operation's lock

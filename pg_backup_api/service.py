@@ -26,6 +26,7 @@ from pg_backup_api import (
     runner,
     ssh_command,
     ssh_master,
+    target_probe,
 )
 from pg_backup_api.errors import (
     ApiError,
@@ -69,10 +70,13 @@ PROGRESS_TAIL_BYTES = 16 * 1024
 
 
 class Service:
-    def __init__(self, settings: Settings, spawn: Spawn = runner.spawn_worker) -> None:
+    def __init__(self, settings: Settings, spawn: Spawn = runner.spawn_worker,
+                 probe: Optional[target_probe.Probe] = None) -> None:
         self.settings = settings
         self.config_source = barman_adapter.ConfigSource(settings.barman_conf)
         self._spawn = spawn
+        # How a recovery's paths are looked at on its target (over ssh unless replaced, as tests do).
+        self._probe = probe
         # Operations a read or the start-up could not reconcile (each is logged with its file).
         self.reconcile_errors = 0
         self._stores: Dict[Path, OperationStore] = {}
@@ -255,14 +259,19 @@ class Service:
             self._check_policy(server, target)
             # Every path the recovery writes or wipes passes the path rules before anything else is
             # checked of them (a tablespace name the backup lacks is refused next, whatever its path).
-            self._check_effects(config, server, effects.effects_of(op_type, fields, effects.RecoveryTarget(
+            found = effects.effects_of(op_type, fields, effects.RecoveryTarget(
                 target.host, dict(backup.tablespace_locations),
-                barman_adapter.remote_staging_path(config.server(server), backup))))
+                barman_adapter.remote_staging_path(config.server(server), backup)))
+            self._check_effects(config, server, found)
             barman_adapter.check_recovery_against_backup(fields, backup)
             fields["resolved_backup_id"] = backup.backup_id
+            # Last, as it costs an ssh round trip: the same rules where the paths really lead on the target.
+            fields["resolved_destination_directory"] = self._check_on_target(config, server, command, found)
             # One recovery at a time into a given directory of a given host.
-            claim_key = f"recovery\0{target.key}\0{fields['destination_directory']}"
-            busy = f"a recovery into {fields['destination_directory']} on {target.key} is already running"
+            where, real = fields["destination_directory"], fields["resolved_destination_directory"]
+            claim_key = f"recovery\0{target.key}\0{real}"
+            shown = where if real == where else f"{where} ({real} on the target host)"
+            busy = f"a recovery into {shown} on {target.key} is already running"
         elif op_type is OperationType.BACKUP:
             if fields.get("incremental"):
                 fields["incremental"] = barman_adapter.resolve_backup(
@@ -301,15 +310,26 @@ class Service:
                 f"field 'remote_ssh_command': host '{target.alias}'{resolved} is not an allowed recovery target of "
                 f"server '{server}' (allowed: {', '.join(policy.allowed_hosts)})")
 
-    def _check_effects(self, config: barman_adapter.BarmanConfig, server: Optional[str],
-                       found: List[effects.Effect]) -> None:
-        """The path rules, with Barman's home, the server's binaries and its allowed_destinations, read
-        from the configuration the rest of the request was checked against."""
-        rules = effects.PathRules(
+    def _path_rules(self, config: barman_adapter.BarmanConfig, server: Optional[str]) -> effects.PathRules:
+        """Barman's home, the server's binaries and its allowed_destinations, read from the configuration
+        the rest of the request was checked against."""
+        return effects.PathRules(
             server or "", str(config.barman_home),
             barman_adapter.pg_binaries(config.server(server)) if server else (),
             self.settings.policy(server).allowed_destinations if server else ())
-        effects.check_effects(found, rules)
+
+    def _check_effects(self, config: barman_adapter.BarmanConfig, server: Optional[str],
+                       found: List[effects.Effect]) -> None:
+        effects.check_effects(found, self._path_rules(config, server))
+
+    def _check_on_target(self, config: barman_adapter.BarmanConfig, server: str,
+                         command: ssh_command.SshCommand, found: List[effects.Effect]) -> str:
+        """Ask the target (one ssh round trip) what is at each path and where it leads, check that too;
+        the destination's real path."""
+        paths = list(dict.fromkeys(effect.path for effect in found))
+        seen = (self._probe or target_probe.probe)(command.argv, paths)
+        resolved = effects.check_on_target(found, seen, self._path_rules(config, server))
+        return next(e.path for e in resolved if e.field == "destination_directory")
 
     def _store_and_spawn(self, store: OperationStore, op_type: OperationType, server: Optional[str],
                          fields: Dict[str, Any], claim_key: str, busy: str) -> str:

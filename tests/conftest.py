@@ -7,11 +7,12 @@ import textwrap
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import pytest
 
-from pg_backup_api import create_app
+from pg_backup_api import create_app, effects, target_probe
+from pg_backup_api.errors import Unprocessable
 from pg_backup_api.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -119,6 +120,34 @@ class SpawnRecorder:
 @pytest.fixture
 def spawned() -> SpawnRecorder:
     return SpawnRecorder()
+
+
+@dataclass
+class FakeTarget:
+    """Stands in for the target host at the process seam (target_probe.probe): a path it is not told
+    about is absent and leads to itself; *unreachable* makes every probe fail as ssh would."""
+
+    paths: Dict[str, effects.OnTarget] = field(default_factory=dict)
+    unreachable: Optional[str] = None
+    calls: List[Tuple[Tuple[str, ...], Tuple[str, ...]]] = field(default_factory=list)
+
+    def __call__(self, ssh_argv: Sequence[str], paths: Sequence[str]) -> Dict[str, effects.OnTarget]:
+        self.calls.append((tuple(ssh_argv), tuple(paths)))
+        if self.unreachable:
+            raise Unprocessable(f"field 'remote_ssh_command': cannot look at the recovery's paths on the target "
+                                f"host {ssh_argv[-1]}: {self.unreachable}")
+        return {p: self.paths.get(p, effects.OnTarget(effects.ABSENT, p)) for p in paths}
+
+
+@pytest.fixture(autouse=True)
+def fake_target(request: Any, monkeypatch: Any) -> Optional[FakeTarget]:
+    """Unit tests never reach a target host: its paths are a FakeTarget's (empty unless told otherwise).
+    End-to-end tests ask the real one."""
+    if request.node.get_closest_marker("e2e") is not None:
+        return None
+    target = FakeTarget()
+    monkeypatch.setattr(target_probe, "probe", target)
+    return target
 
 
 @pytest.fixture

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 from pg_backup_api import barman_cli, create_app, effects, schema
 from pg_backup_api.effects import STAGE, STAGE_SUBDIRS, WIPE, PathRules, RecoveryTarget
-from pg_backup_api.errors import ApiError, InvalidRequest, Unprocessable
+from pg_backup_api.errors import ApiError, Conflict, InvalidRequest, Unprocessable
 from pg_backup_api.operations import RECOVERY_OPTIONS, REQUEST_SCHEMAS, OperationType
 from pg_backup_api.settings import ServerPolicy, Settings
 
@@ -352,3 +352,151 @@ def test_the_servers_path_prefix_and_a_remote_staging_path_come_from_barmans_con
     assert staging.status_code == 422
     assert staging.json["error"].startswith("field 'staging_path' (Barman's configuration of the server): "
                                             "/srv/stage is not under an allowed destination")
+
+
+# -- on the target host: the rules again where each path really leads, and the staging rule ---------
+
+def on_target(found=None, **by_path):
+    """What the target says: every path absent and leading to itself, but those of *by_path*."""
+    def answer(effect):
+        return by_path.get(effect.path, effects.OnTarget(effects.ABSENT, effect.path))
+    return {e.path: answer(e) for e in found}
+
+
+def test_a_symlink_inside_an_allowed_destination_pointing_outside_is_refused():
+    rules = PathRules("pg", HOME, (BINARIES,), ("/srv/pg",))
+    found = recovery({"destination_directory": "/srv/pg/link/restore"})
+    effects.check_effects(found, rules)  # the text is inside the allowed tree
+    with pytest.raises(Unprocessable) as refused:
+        effects.check_on_target(found, on_target(found, **{"/srv/pg/link/restore": effects.OnTarget(
+            effects.ABSENT, "/srv/other-cluster/restore")}), rules)
+    assert refused.value.message == (
+        f"field 'destination_directory': /srv/pg/link/restore resolves on the target host to "
+        f"/srv/other-cluster/restore, which is not under an allowed destination of server 'pg' (allowed: /srv/pg); "
+        f"it would be {WIPE}")
+
+
+@pytest.mark.parametrize("real, rule", [
+    ("/etc/restore", "inside the system directory /etc"),
+    ("/var/lib/postgresql", "a directory that holds others' data"),
+    ("/home/postgres/.ssh", "in a .ssh directory"),
+    (f"{HOME}/pg", "inside Barman's home"),
+    ("/srv/pg/a b", "not a normalised absolute path of letters, digits and ._-/ only"),
+])
+def test_the_built_in_rules_hold_where_a_path_really_leads(real, rule):
+    found = recovery({"tablespaces": {"tbs1": "/srv/pg/tbs1"}})
+    with pytest.raises(InvalidRequest) as refused:
+        effects.check_on_target(found, on_target(found, **{"/srv/pg/tbs1": effects.OnTarget(effects.ABSENT, real)}),
+                                RULES)
+    assert refused.value.message.startswith("field 'tablespaces.tbs1': /srv/pg/tbs1 resolves on the target host to ")
+    assert rule in refused.value.message
+
+
+def test_two_paths_leading_to_one_directory_are_refused():
+    found = recovery({"tablespaces": {"tbs1": "/srv/pg/tbs1"}})
+    with pytest.raises(InvalidRequest, match="name the same directory /srv/data on the target host"):
+        effects.check_on_target(found, on_target(found, **{
+            "/srv/pg/restore": effects.OnTarget(effects.ABSENT, "/srv/data"),
+            "/srv/pg/tbs1": effects.OnTarget(effects.ABSENT, "/srv/data")}), RULES)
+
+
+def test_a_path_in_a_loop_of_links_is_refused():
+    found = recovery({})
+    with pytest.raises(Unprocessable, match="cannot be resolved on the target host"):
+        effects.check_on_target(found, on_target(found, **{"/srv/pg/restore": effects.OnTarget(effects.OTHER, None)}),
+                                RULES)
+
+
+@pytest.mark.parametrize("kind, what", [(effects.FILLED, "is a directory that holds files"),
+                                        (effects.UNREADABLE, "is a directory whose entries cannot be listed"),
+                                        (effects.OTHER, "exists and is not a directory")])
+def test_a_staging_directory_that_is_not_empty_is_a_conflict_naming_rm_fr(kind, what):
+    found = recovery({"target_name": "n", "staging_wal_directory": "/srv/pgdata"})
+    with pytest.raises(Conflict) as refused:
+        effects.check_on_target(found, on_target(found, **{"/srv/pgdata": effects.OnTarget(kind, "/srv/pgdata")}),
+                                RULES)
+    assert refused.value.status == 409
+    assert refused.value.message == (
+        f"field 'staging_wal_directory': /srv/pgdata {what} on the target host; PostgreSQL would delete it and "
+        "everything in it at the end of recovery (recovery_end_command 'rm -fr /srv/pgdata'): name a directory "
+        "that does not exist or is empty")
+
+
+@pytest.mark.parametrize("kind", [effects.ABSENT, effects.EMPTY])
+def test_an_absent_or_empty_staging_directory_is_accepted(kind):
+    found = recovery({"target_name": "n", "staging_wal_directory": "/srv/wal"})
+    resolved = effects.check_on_target(found, on_target(found, **{"/srv/wal": effects.OnTarget(kind, "/srv/wal")}),
+                                       RULES)
+    assert [e.path for e in resolved] == ["/srv/pg/restore", "/srv/wal"]
+
+
+def test_barmans_default_staging_directory_is_left_to_the_destinations_rules():
+    # barman_wal inside the destination exists only if the destination holds files, which Barman refuses.
+    found = recovery({"target_name": "n"})
+    assert [e.path for e in found] == ["/srv/pg/restore", "/srv/pg/restore/barman_wal"]
+    effects.check_on_target(found, on_target(found, **{"/srv/pg/restore/barman_wal": effects.OnTarget(
+        effects.FILLED, "/srv/pg/restore/barman_wal")}), RULES)
+
+
+@settings(max_examples=300, deadline=None)
+@given(real=paths_strategy, field=st.sampled_from(list(FIELDS)), kind=st.sampled_from(effects.KINDS),
+       rules=st.sampled_from([RULES, PathRules("pg", HOME, (BINARIES,), ("/srv/pg", "/var/lib/postgresql/15/"))]))
+def test_wherever_a_path_leads_it_is_refused_cleanly_or_leads_somewhere_safe(real, field, kind, rules):
+    text = "/srv/pg/x" if field != "destination_directory" else "/srv/pg/restore"
+    found = recovery({**FIELDS[field](text)})
+    effects.check_effects(found, rules)
+    seen = on_target(found, **{text: effects.OnTarget(kind, real)})
+    try:
+        resolved = effects.check_on_target(found, seen, rules)
+    except (InvalidRequest, Unprocessable, Conflict) as exc:
+        assert field.split(".")[0] in exc.message
+        return
+    for effect in resolved:
+        safe_when_accepted(effect.path, rules)
+
+
+def test_through_the_app_a_non_empty_staging_directory_is_409_and_stores_nothing(client, barman_files, spawned,
+                                                                                fake_target):
+    barman_files.add_backup("20261127T010000")
+    fake_target.paths["/srv/pgdata"] = effects.OnTarget(effects.FILLED, "/srv/pgdata")
+    response = client.post("/servers/pg/operations", json={**BODY, "target_name": "n",
+                                                            "staging_wal_directory": "/srv/pgdata"})
+    assert response.status_code == 409, response.json
+    assert response.json["error"].startswith("field 'staging_wal_directory': /srv/pgdata is a directory that holds")
+    assert "rm -fr /srv/pgdata" in response.json["error"]
+    assert jobs(barman_files) == [] and spawned.calls == []
+
+
+def test_through_the_app_a_symlink_out_of_the_allowed_tree_is_422_and_stores_nothing(barman_files, spawned,
+                                                                                   fake_target):
+    barman_files.add_backup("20261127T010000")
+    fake_target.paths["/srv/pg/link"] = effects.OnTarget(effects.ABSENT, "/srv/elsewhere")
+    response = policy_client(barman_files, spawned).post("/servers/pg/operations",
+                                                         json={**BODY, "destination_directory": "/srv/pg/link"})
+    assert response.status_code == 422, response.json
+    assert response.json["error"].startswith("field 'destination_directory': /srv/pg/link resolves on the target "
+                                             "host to /srv/elsewhere, which is not under an allowed destination")
+    assert jobs(barman_files) == [] and spawned.calls == []
+
+
+def test_a_target_the_service_cannot_reach_is_a_422_naming_ssh_s_failure(client, barman_files, spawned,
+                                                                         fake_target):
+    barman_files.add_backup("20261127T010000")
+    fake_target.unreachable = "ssh exited with code 255: ssh: connect to host db2 port 22: Connection refused"
+    response = client.post("/servers/pg/operations", json=BODY)
+    assert response.status_code == 422, response.json
+    assert response.json["error"] == ("field 'remote_ssh_command': cannot look at the recovery's paths on the "
+                                      "target host postgres@db2: ssh exited with code 255: ssh: connect to host db2 "
+                                      "port 22: Connection refused")
+    assert jobs(barman_files) == [] and spawned.calls == []
+
+
+def test_one_recovery_per_destination_is_keyed_on_where_it_really_leads(client, barman_files, fake_target):
+    barman_files.add_backup("20261127T010000")
+    fake_target.paths["/srv/pg/restore"] = effects.OnTarget(effects.ABSENT, "/srv/data/restore")
+    fake_target.paths["/srv/pg/alias"] = effects.OnTarget(effects.ABSENT, "/srv/data/restore")
+    first = client.post("/servers/pg/operations", json=BODY)
+    assert first.status_code == 202, first.json
+    second = client.post("/servers/pg/operations", json={**BODY, "destination_directory": "/srv/pg/alias"})
+    assert second.status_code == 409, second.json
+    assert first.json["operation_id"] in second.json["error"]

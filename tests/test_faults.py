@@ -286,9 +286,11 @@ def test_a_service_killed_before_spawning_leaves_an_operation_that_is_reported_n
         import os, signal
         from pg_backup_api.service import Service
         from pg_backup_api.settings import Settings
+        from tests.conftest import FakeTarget
         def die(*args):
             os.kill(os.getpid(), signal.SIGKILL)  # after the job file and the claim, before the worker
-        Service(Settings(barman_conf={str(barman_files.conf)!r}), spawn=die).create_operation("pg", {BODY!r})
+        Service(Settings(barman_conf={str(barman_files.conf)!r}), spawn=die,
+                probe=FakeTarget()).create_operation("pg", {BODY!r})
     """)
     killed = subprocess.run([sys.executable, "-c", script], env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert killed.returncode == -signal.SIGKILL

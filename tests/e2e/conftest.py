@@ -29,6 +29,7 @@ VHOST = ROOT / "apache" / "pg-backup-api.conf"
 ERROR_DOCS = ROOT / "apache" / "errors"
 VENV = Path(os.environ.get("PGBA_VENV", "/opt/pg-backup-api/venv"))
 IN_CI = os.environ.get("CI", "").lower() == "true"
+TARGET_USER = "postgres"  # the sandbox's SSH_COMMAND logs in as this user
 
 
 def unavailable(reason: str) -> None:
@@ -84,6 +85,25 @@ class Sandbox:
 
     def restore_dir(self, name: str) -> str:
         return f"{self['RESTORE_PARENT']}/{name}"
+
+    def as_target_user(self, *argv: str) -> None:
+        """Run *argv* on the target host as its ssh user (the sandbox's target is this machine)."""
+        subprocess.run(["runuser", "-u", TARGET_USER, "--", *argv], check=True, stdin=subprocess.DEVNULL,
+                       capture_output=True, timeout=60)
+
+    def holding_files(self, name: str, files: Optional[Dict[str, bytes]] = None) -> Path:
+        """A directory of RESTORE_PARENT, made by the target's ssh user, holding *files* (one by default).
+
+        As a destination, Barman refuses it at once: the quickest recovery that ends FAILED with
+        Barman's reason, now that a host the service cannot reach is refused at POST time.
+        """
+        directory = Path(self.restore_dir(name))
+        self.as_target_user("mkdir", "-p", str(directory))
+        for file_name, data in (files or {"somebody-elses.data": b"precious\n"}).items():
+            self.as_target_user("mkdir", "-p", str((directory / file_name).parent))
+            subprocess.run(["runuser", "-u", TARGET_USER, "--", "tee", str(directory / file_name)], input=data,
+                           stdout=subprocess.DEVNULL, check=True, timeout=60)
+        return directory
 
 
 def sandbox_up(prefix: str, parent: Optional[str] = None, **settings: Any) -> Sandbox:

@@ -56,9 +56,10 @@ def test_recover_wait_exits_0_and_the_restored_cluster_has_the_rows(sandbox, ser
 
 
 def test_a_failing_recover_wait_exits_1_with_barmans_error(sandbox, service):
-    failed = recover(sandbox, service, sandbox.restore_dir("e2e-client-unreachable"), "ssh -p 1 postgres@127.0.0.1")
+    # A destination that holds a file: Barman refuses it.
+    failed = recover(sandbox, service, str(sandbox.holding_files("e2e-client-not-empty")), sandbox["SSH_COMMAND"])
     assert failed.returncode == 1, failed.stdout + failed.stderr
     op_id = failed.stdout.splitlines()[0]
-    assert "ERROR: Unable to connect to the target host" in failed.stderr, failed.stderr  # barman's words
+    assert "ERROR: The restore operation cannot proceed" in failed.stderr, failed.stderr  # barman's words
     assert f"FAILED operation {op_id} (failed): barman exited with code" in failed.stderr
     assert "Traceback" not in failed.stderr

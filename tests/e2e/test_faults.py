@@ -12,7 +12,7 @@ from typing import Iterator
 
 import pytest
 
-from .test_lifecycle import UNREACHABLE, jobs_dir, post_recovery
+from .test_lifecycle import jobs_dir, post_recovery
 
 pytestmark = pytest.mark.e2e
 
@@ -48,7 +48,9 @@ def job_files(directory: Path) -> set:
 
 def test_a_full_then_read_only_home_refuses_posts_and_harms_nothing(sandbox, service):
     server = sandbox["BARMAN_SERVER"]
-    existing = post_recovery(service, sandbox, sandbox.restore_dir("e2e-full-existing"), UNREACHABLE)
+    # Destinations that hold a file: the target is reachable (the service looks at it before storing
+    # anything) and Barman refuses each accepted recovery at once.
+    existing = post_recovery(service, sandbox, str(sandbox.holding_files("e2e-full-existing")))
     existing_id = existing.json()["operation_id"]
     before = service.wait_until_ended(server, existing_id)
     directory = jobs_dir(sandbox)
@@ -56,7 +58,7 @@ def test_a_full_then_read_only_home_refuses_posts_and_harms_nothing(sandbox, ser
         files = job_files(directory)
         # Fill it: dd stops with "No space left on device".
         subprocess.run(["dd", "if=/dev/zero", f"of={directory}/filler", "bs=64k"], capture_output=True)
-        full = post_recovery(service, sandbox, sandbox.restore_dir("e2e-full"), UNREACHABLE)
+        full = post_recovery(service, sandbox, str(sandbox.holding_files("e2e-full")))
         assert full.status_code == 507, full.text
         assert "No space left on device" in full.json()["error"]
         assert "nothing was stored" in full.json()["error"]
@@ -66,14 +68,14 @@ def test_a_full_then_read_only_home_refuses_posts_and_harms_nothing(sandbox, ser
 
         (directory / "filler").unlink()
         subprocess.run(["mount", "-o", "remount,ro", str(directory)], check=True)
-        read_only = post_recovery(service, sandbox, sandbox.restore_dir("e2e-read-only"), UNREACHABLE)
+        read_only = post_recovery(service, sandbox, str(sandbox.holding_files("e2e-read-only")))
         assert read_only.status_code == 503, read_only.text
         assert "Read-only file system" in read_only.json()["error"]
         assert job_files(directory) == files
         assert service.get(f"/servers/{server}/operations/{existing_id}").json() == before
         subprocess.run(["mount", "-o", "remount,rw", str(directory)], check=True)
         # Space again: the same destination is free (the refused POSTs claimed nothing).
-        again = post_recovery(service, sandbox, sandbox.restore_dir("e2e-full"), UNREACHABLE)
+        again = post_recovery(service, sandbox, str(sandbox.holding_files("e2e-full")))
         assert again.status_code == 202, again.text
         # jobs/ is another folder now (the tmpfs mounted over it): the list follows the one the path names.
         listed = [o["id"] for o in service.get(f"/servers/{server}/operations").json()["operations"]]

@@ -12,9 +12,6 @@ from .conftest import VENV
 
 pytestmark = pytest.mark.e2e
 
-FAILING_SSH = "ssh -p 1 -o ConnectTimeout=5 postgres@127.0.0.1"
-
-
 def pg_backup_api(sandbox, *args: str) -> subprocess.CompletedProcess:
     """The command as the barman user runs it, beside the running service."""
     return subprocess.run(["runuser", "-u", sandbox["BARMAN_USER"], "--", "env",
@@ -23,9 +20,11 @@ def pg_backup_api(sandbox, *args: str) -> subprocess.CompletedProcess:
                           stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=120)
 
 
-def recover(sandbox, service, name: str, ssh_command: str = "") -> str:
-    body = {"type": "recovery", "backup_id": "latest", "destination_directory": sandbox.restore_dir(name),
-            "remote_ssh_command": ssh_command or sandbox["SSH_COMMAND"]}
+def recover(sandbox, service, name: str, fail: bool = False) -> str:
+    """A recovery into RESTORE_PARENT/*name*; with *fail*, into a directory that holds a file, which Barman refuses."""
+    destination = str(sandbox.holding_files(name)) if fail else sandbox.restore_dir(name)
+    body = {"type": "recovery", "backup_id": "latest", "destination_directory": destination,
+            "remote_ssh_command": sandbox["SSH_COMMAND"]}
     response = service.post(f"/servers/{sandbox['BARMAN_SERVER']}/operations", json=body)
     assert response.status_code == 202, response.text
     return response.json()["operation_id"]
@@ -39,7 +38,7 @@ def listed(service, server: str, query: str = "") -> list:
 
 def test_status_filters_and_pages_walk_the_real_history(sandbox, service):
     server = sandbox["BARMAN_SERVER"]
-    ok, bad = recover(sandbox, service, "e2e-filter-ok"), recover(sandbox, service, "e2e-filter-bad", FAILING_SSH)
+    ok, bad = recover(sandbox, service, "e2e-filter-ok"), recover(sandbox, service, "e2e-filter-bad", fail=True)
     assert service.wait_until_ended(server, ok)["status"] == "DONE"
     assert service.wait_until_ended(server, bad)["status"] == "FAILED"
     everything = listed(service, server)
@@ -63,7 +62,7 @@ def test_status_filters_and_pages_walk_the_real_history(sandbox, service):
 
 def test_prune_removes_what_ended_before_the_cutoff_and_the_service_forgets_it_at_once(sandbox, service):
     server = sandbox["BARMAN_SERVER"]
-    old = recover(sandbox, service, "e2e-prune-old", FAILING_SSH)
+    old = recover(sandbox, service, "e2e-prune-old", fail=True)
     assert service.wait_until_ended(server, old)["status"] == "FAILED"
     time.sleep(2)  # ended at least 2 s ago: older than the cutoff below
     dry = pg_backup_api(sandbox, "prune", "--older-than", "1", "--server", server, "--dry-run")
@@ -83,7 +82,7 @@ def test_prune_removes_what_ended_before_the_cutoff_and_the_service_forgets_it_a
 
 def test_doctor_fix_puts_an_unreadable_job_file_aside_and_the_list_heals(sandbox, service):
     server = sandbox["BARMAN_SERVER"]
-    op_id = recover(sandbox, service, "e2e-doctor", FAILING_SSH)
+    op_id = recover(sandbox, service, "e2e-doctor", fail=True)
     assert service.wait_until_ended(server, op_id)["status"] == "FAILED"
     job = Path(sandbox["BARMAN_HOME"]) / server / "jobs" / f"{op_id}.json"
     job.write_text("")  # truncated in place, as a full disk or a crash of the host may leave it

@@ -18,9 +18,6 @@ from .conftest import Service, unavailable, wait_for
 
 pytestmark = pytest.mark.e2e
 
-UNREACHABLE = "ssh -p 1 -o ConnectTimeout=5 postgres@127.0.0.1"
-
-
 def post_recovery(service, sandbox, destination, ssh_command=None):
     body = {"type": "recovery", "backup_id": "latest", "destination_directory": destination,
             "remote_ssh_command": ssh_command or sandbox["SSH_COMMAND"]}
@@ -175,10 +172,11 @@ def test_a_second_recovery_into_the_same_destination_is_409_until_the_first_ends
     second = post_recovery(service, sandbox, destination)
     assert second.status_code == 409
     assert first in second.json()["error"]
-    elsewhere = post_recovery(service, sandbox, sandbox.restore_dir("e2e-busy-other"), UNREACHABLE)
+    elsewhere = post_recovery(service, sandbox, str(sandbox.holding_files("e2e-busy-other")))
     assert elsewhere.status_code == 202
     service.post(f"/servers/{server}/operations/{first}/cancel")
-    freed = post_recovery(service, sandbox, destination, UNREACHABLE)
+    # The canceled copy left files there: Barman refuses the next recovery at once.
+    freed = post_recovery(service, sandbox, destination)
     assert freed.status_code == 202
     service.wait_until_ended(server, freed.json()["operation_id"])
 
@@ -206,7 +204,8 @@ def test_a_recovery_survives_a_restart_of_the_service(sandbox, stop_signal):
 
 def test_no_zombie_is_left_after_twenty_operations(sandbox, service):
     server = sandbox["BARMAN_SERVER"]
-    ids = [post_recovery(service, sandbox, sandbox.restore_dir(f"e2e-zombie-{i}"), UNREACHABLE).json()
+    # Destinations that hold a file: Barman refuses each at once.
+    ids = [post_recovery(service, sandbox, str(sandbox.holding_files(f"e2e-zombie-{i}"))).json()
            ["operation_id"] for i in range(20)]
     for op_id in ids:
         assert service.wait_until_ended(server, op_id)["status"] == "FAILED"

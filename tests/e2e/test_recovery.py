@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from .conftest import VENV
+from .test_security import count_jobs
 
 pytestmark = pytest.mark.e2e
 
@@ -37,17 +38,18 @@ def test_recovery_over_ssh_restores_the_rows_written_before_the_backup(sandbox, 
         assert rows == sandbox["ROWS_CHECK"]
 
 
-def test_a_recovery_that_cannot_reach_the_host_fails_with_barmans_reason(sandbox, service):
+def test_a_recovery_to_a_host_the_service_cannot_reach_is_refused_with_ssh_s_reason(sandbox, service):
+    # Barman would fail it anyway ("Unable to connect to the target host"); its paths cannot be looked at.
     server = sandbox["BARMAN_SERVER"]
+    before = count_jobs(sandbox)
     body = recovery_body(sandbox, sandbox.restore_dir("e2e-unreachable"),
                          ssh_command="ssh -p 1 -o ConnectTimeout=5 postgres@127.0.0.1")
-    op_id = service.post(f"/servers/{server}/operations", json=body).json()["operation_id"]
-    status = service.wait_until_ended(server, op_id)
-    assert status["status"] == "FAILED"
-    assert status["exit_code"] != 0
-    assert "ssh" in status["output"].lower() or "connect" in status["output"].lower(), status["output"]
-    # The reason quotes Barman's error line, not only its exit code.
-    assert re.fullmatch(r"barman exited with code \d+: .*(ssh|connect).*", status["reason"], re.I), status["reason"]
+    response = service.post(f"/servers/{server}/operations", json=body)
+    assert response.status_code == 422, response.text
+    error = response.json()["error"]
+    assert re.fullmatch(r"field 'remote_ssh_command': cannot look at the recovery's paths on the target host "
+                        r"postgres@127\.0\.0\.1: ssh exited with code 255: .*Connection refused.*", error), error
+    assert count_jobs(sandbox) == before
 
 
 def test_a_recovery_into_a_directory_that_holds_files_fails_with_barmans_reason_and_keeps_them(sandbox, service):
@@ -71,8 +73,8 @@ def test_a_recovery_into_a_directory_that_holds_files_fails_with_barmans_reason_
 
 def test_the_recovered_backup_is_the_one_validated_at_post_time(sandbox, service):
     server = sandbox["BARMAN_SERVER"]
-    body = recovery_body(sandbox, sandbox.restore_dir("e2e-alias"), backup_id="oldest",
-                         ssh_command="ssh -p 1 -o ConnectTimeout=5 postgres@127.0.0.1")
+    # A destination that holds a file: Barman refuses it at once, after the backup was chosen.
+    body = recovery_body(sandbox, str(sandbox.holding_files("e2e-alias")), backup_id="oldest")
     op_id = service.post(f"/servers/{server}/operations", json=body).json()["operation_id"]
     status = service.wait_until_ended(server, op_id)
     assert status["backup_id"] == "oldest"
