@@ -4,6 +4,7 @@ streamed output of an operation. Added to the API's blueprint, so tokens and err
 from __future__ import annotations
 
 import time
+import weakref
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional
 
@@ -64,16 +65,19 @@ def output_response(service: Any, server: Optional[str], op_id: str, query: Dict
 class StreamResponse(Response):
     """An event stream holding a stream slot, given back when the server closes the response.
 
-    Every WSGI server closes the body it was handed, however the response ends: sent whole, a
-    HEAD (whose body is never iterated), a client gone before the first byte or later, an
-    error while iterating. A response that never reaches the server (an error replaced it)
-    gives its slot back at the end of the request instead.
+    A WSGI server closes the body it was handed however the response ends: sent whole, a HEAD
+    (whose body is never iterated), a client gone before the first byte or later, an error while
+    iterating. Werkzeug's development server skips the close when the client reset the connection
+    (it fails reading what is left of the request first), so a response dropped unclosed gives its
+    slot back too. A response that never reaches the server (an error replaced it) gives it back
+    at the end of the request.
     """
 
     def __init__(self, events: Iterator[bytes], slot: streaming.Slot, **kwargs: Any) -> None:
         super().__init__(events, **kwargs)
         self.slot = slot
         self.call_on_close(slot.release)
+        weakref.finalize(self, slot.release)
 
     def __call__(self, environ: Dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
         body = super().__call__(environ, start_response)
