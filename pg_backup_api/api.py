@@ -9,7 +9,7 @@ from typing import Any, Optional, Tuple
 from flask import Blueprint, Flask, Response, current_app, g, jsonify, request, url_for
 from werkzeug.exceptions import HTTPException
 
-from pg_backup_api import audit, schema
+from pg_backup_api import audit, auth, schema
 from pg_backup_api.errors import ApiError, InvalidRequest, TooBusy
 from pg_backup_api.operations import now_utc, timestamp
 from pg_backup_api.service import Service
@@ -18,8 +18,16 @@ log = logging.getLogger(__name__)
 
 bp = Blueprint("api", __name__)
 
-# Set by the reverse proxy from the client certificate it verified; trusted only from trusted_proxies.
-CLIENT_CERT_HEADER = "X-Client-Cert-Subject"
+# Sent with every answer. The page (/ui/) runs only its own script and style files (no inline code, no
+# style attribute), fetches from this origin only and may not be framed; no answer is sniffed as
+# another type than the one it is sent as, and no address leaks in a Referer.
+SECURITY_HEADERS = {
+    "Content-Security-Policy": "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; "
+                               "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'",
+    "X-Frame-Options": "DENY",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+}
 # The web page's shell and its script hold no data: each view asks for its content with the token.
 OPEN_ENDPOINTS = ("api.status", "api.ui_shell", "api.ui_static")
 # Endpoints that need more than the method's scope: diagnose shows every server's full configuration.
@@ -30,15 +38,19 @@ def _service() -> Service:
     return current_app.extensions["pg_backup_api"]
 
 
+def _cert_subject() -> Optional[str]:
+    """The client certificate's subject, when a trusted proxy vouches for it (see auth.vouched_subject)."""
+    service = _service()
+    return auth.vouched_subject(request.remote_addr, request.headers, service.settings.trusted_proxies,
+                                service.proxy_secret)
+
+
 def _requester() -> Optional[str]:
     """Who asked, as recorded in the job file: the token's name or the verified certificate subject."""
     if g.get("token") is not None:
         return f"token:{g.token.name}"
-    if request.remote_addr in _service().settings.trusted_proxies:
-        subject = request.headers.get(CLIENT_CERT_HEADER)
-        if subject:
-            return f"cert:{subject}"
-    return None
+    subject = _cert_subject()
+    return f"cert:{subject}" if subject else None
 
 
 def _json_body() -> Any:
@@ -68,6 +80,13 @@ def authenticate() -> None:
         g.token = service.tokens.check(request.headers.get("Authorization"), needed)
 
 
+@bp.after_app_request
+def security_headers(response: Response) -> Response:
+    for name, value in SECURITY_HEADERS.items():
+        response.headers.setdefault(name, value)
+    return response
+
+
 @bp.after_request
 def record_audit(response: Response) -> Response:
     if request.method in ("GET", "HEAD", "OPTIONS"):
@@ -76,9 +95,9 @@ def record_audit(response: Response) -> Response:
     entry: dict = {"time": timestamp(now_utc()), "remote_addr": request.remote_addr}
     if g.get("token") is not None:
         entry["token"] = g.token.name
-    # Only a proxy on the trusted list can vouch for the client certificate it verified.
-    if request.remote_addr in service.settings.trusted_proxies and request.headers.get(CLIENT_CERT_HEADER):
-        entry["client_cert_subject"] = request.headers[CLIENT_CERT_HEADER]
+    subject = _cert_subject()
+    if subject:
+        entry["client_cert_subject"] = subject
     entry.update(method=request.method, path=request.path, status=response.status_code)
     body = response.get_json(silent=True) if response.is_json else None
     op_id = (request.view_args or {}).get("operation_id")

@@ -137,6 +137,30 @@ def _token(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+DEFAULT_APACHE_INCLUDE = "/etc/apache2/pg-backup-api/proxy-secret.conf"
+
+
+def _proxy_secret(args: argparse.Namespace, settings: Settings) -> int:
+    import grp
+    from pathlib import Path
+
+    from pg_backup_api.auth import write_proxy_secret
+
+    if not settings.proxy_secret_file:
+        print("pg-backup-api proxy-secret: proxy_secret_file is empty in the settings: no proxy can vouch",
+              file=sys.stderr)
+        return 1
+    try:
+        group = grp.getgrnam(args.group).gr_gid
+        write_proxy_secret(Path(settings.proxy_secret_file), Path(args.apache_include), group)
+    except (KeyError, OSError) as exc:
+        print(f"pg-backup-api proxy-secret: {exc}", file=sys.stderr)
+        return 1
+    print(f"a new secret is in {settings.proxy_secret_file} (group {args.group}) and {args.apache_include}; "
+          "reload Apache (systemctl reload apache2): until then the service records no certificate subject")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pg-backup-api", description="A REST API for Barman.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -171,6 +195,14 @@ def build_parser() -> argparse.ArgumentParser:
     revoke.add_argument("name")
     token_actions.add_parser("list", help="names, scopes and creation times")
     token.set_defaults(func=_token)
+
+    proxy = commands.add_parser("proxy-secret", help="as root: make the secret with which the Apache vhost vouches "
+                                                     "for client certificates (again: change it)")
+    proxy.add_argument("--apache-include", default=DEFAULT_APACHE_INCLUDE, metavar="FILE",
+                       help=f"the file the vhost includes (default {DEFAULT_APACHE_INCLUDE})")
+    proxy.add_argument("--group", default="barman", help="the service's group, which reads proxy_secret_file "
+                                                         "(default barman)")
+    proxy.set_defaults(func=_proxy_secret)
 
     # The workers the service spawns, one per operation type (the reference's names).
     for name, op_type, per_server in [("recovery", "recovery", True), ("run-backup", "backup", True),

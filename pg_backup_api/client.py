@@ -1,4 +1,4 @@
-"""The client commands of `pg-backup-api`: recover, backup, operations, show, cancel, over HTTP.
+"""The client commands of `pg-backup-api`: recover, backup, operations, show, cancel, wait, over HTTP.
 
 `requests` is imported inside the functions that talk to the API, so importing this module
 (which the `pg-backup-api` parser does for every command, workers included) stays cheap.
@@ -7,12 +7,13 @@
 from __future__ import annotations
 
 import argparse
+import codecs
 import json
 import os
 import re
 import sys
 import time
-from typing import TYPE_CHECKING, Any, Dict, List, Optional, TextIO, Tuple
+from typing import TYPE_CHECKING, Any, Dict, Iterable, Iterator, List, Optional, TextIO, Tuple
 from urllib.parse import quote
 
 if TYPE_CHECKING:
@@ -93,9 +94,9 @@ class Api:
         if response.ok and doc is not None:
             return doc
         if isinstance(doc, dict) and isinstance(doc.get("error"), str):
-            raise ClientError(f"{response.status_code} {doc['error']}", response.status_code)
+            raise ClientError(f"{response.status_code} {printable(doc['error'])}", response.status_code)
         # Not the service's JSON: a proxy's page, say. Show its start, on one line.
-        text = " ".join(response.text.split())[:200] or response.reason
+        text = printable(" ".join(response.text.split())[:200] or response.reason)
         if response.ok:
             raise ClientError(f"{response.status_code} not a JSON answer (is {self.url} pg-backup-api?): {text}",
                               response.status_code)
@@ -115,6 +116,24 @@ def _server_path(server: str, *parts: str) -> str:
 
 # -- output ------------------------------------------------------------------------------
 
+# What a terminal acts on rather than shows: C0 controls, DEL and C1 (clear the screen, set the
+# window title, move the cursor, ...). The service's answers carry text from clients and Barman.
+CONTROL_CHARACTERS = re.compile("[\x00-\x1f\x7f-\x9f]")
+SPACED_CONTROLS = frozenset("\t\n\r\x0b\x0c\x85")
+
+
+def printable(value: Any) -> str:
+    """*value* as one line a terminal shows as it is: tabs and line breaks become spaces, every other
+    control character is dropped. Every value the client prints from an answer goes through here."""
+    text = value if isinstance(value, str) else _value(value)
+    return CONTROL_CHARACTERS.sub(lambda m: " " if m.group() in SPACED_CONTROLS else "", text)
+
+
+def printable_lines(text: str) -> List[str]:
+    """*text* (Barman's output) as printable lines, cut where `str.splitlines` cuts."""
+    return [printable(line) for line in text.splitlines()]
+
+
 
 def clock(seconds: float) -> str:
     """[MM:SS], or [H:MM:SS] past an hour."""
@@ -133,7 +152,7 @@ class Progress:
         self.open_line = False
 
     def update(self, elapsed: float, status: str, phase: str) -> None:
-        label = f"{status} {phase}".strip()
+        label = printable(f"{status} {phase}".strip())
         if self.tty:
             self.stream.write(f"\r{clock(elapsed)} {label}\033[K")
             self.open_line = True
@@ -168,27 +187,30 @@ NOT_SHOWN = {"operation_id", "status", "state", "output", "output_tail", "recove
 def render_operation(doc: Dict[str, Any]) -> str:
     """An operation's status document as aligned `label  value` lines, then its output."""
     status = f"{doc.get('status')} ({doc['state']})" if doc.get("state") else str(doc.get("status"))
-    rows: List[Tuple[str, str]] = [("operation", str(doc.get("operation_id"))), ("status", status)]
+    rows: List[Tuple[str, Any]] = [("operation", doc.get("operation_id")), ("status", status)]
     for key, label in SHOWN_FIRST:
         value = doc.get(key)
         if key == "duration_s" and isinstance(value, (int, float)):
             rows.append((label, f"{value:g} s"))
         elif value is not None:
-            rows.append((label, _value(value)))
+            rows.append((label, value))
     # Whatever else the status carries (recovery targets, options), under its field name.
     known = {key for key, _ in SHOWN_FIRST} | NOT_SHOWN
-    rows += [(key, _value(value)) for key, value in doc.items() if key not in known and value is not None]
-    width = max(len(label) for label, _ in rows)
-    lines = [f"{label.ljust(width)}  {value}" for label, value in rows]
-    if doc.get("output_tail"):
-        lines += ["recent output:", *(f"  {line}" for line in doc["output_tail"])]
+    rows += [(key, value) for key, value in doc.items() if key not in known and value is not None]
+    shown = [(printable(label), printable(value)) for label, value in rows]
+    width = max(len(label) for label, _ in shown)
+    lines = [f"{label.ljust(width)}  {value}" for label, value in shown]
+    tail = doc.get("output_tail")
+    if tail and isinstance(tail, list):
+        lines += ["recent output:", *(f"  {line}" for line in printable_lines("\n".join(map(str, tail))))]
     if doc.get("output"):
-        lines += ["output:", *(f"  {line}" for line in doc["output"].rstrip("\n").splitlines())]
+        lines += ["output:", *(f"  {line}" for line in printable_lines(str(doc["output"])))]
     return "\n".join(lines)
 
 
 def _fail(message: str) -> int:
-    print(f"pg-backup-api: {message}", file=sys.stderr)
+    print("\n".join(printable(f"pg-backup-api: {line}" if i == 0 else line)
+                    for i, line in enumerate(message.split("\n"))), file=sys.stderr)
     return 1
 
 
@@ -202,6 +224,46 @@ def _follow_hint(args: argparse.Namespace, op_id: str) -> str:
 
 
 STREAM_READ_TIMEOUT = 60.0  # the service sends a keepalive every 15 s
+LINE_END = re.compile("\r\n|\r|\n")
+
+
+def _sse_lines(chunks: Iterable[bytes]) -> Iterator[str]:
+    """The lines of an event stream as the SSE specification cuts them: at CR, LF or CRLF, nowhere else."""
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    buffer, first = "", True
+    for chunk in chunks:
+        buffer += decoder.decode(chunk)
+        if first and buffer:
+            buffer, first = buffer[1:] if buffer[0] == "\ufeff" else buffer, False
+        start = 0
+        for end in LINE_END.finditer(buffer):
+            if end.group() == "\r" and end.end() == len(buffer):
+                break  # perhaps the first half of a CRLF: wait for the next chunk
+            yield buffer[start:end.start()]
+            start = end.end()
+        buffer = buffer[start:]
+    if buffer.endswith("\r"):
+        yield buffer[:-1]
+
+
+def sse_events(chunks: Iterable[bytes]) -> Iterator[Tuple[str, str]]:
+    """(event type, data) of each event of a `text/event-stream`, by the SSE specification's rules:
+    `field: value` (one space after the colon is dropped), `data` lines joined with LF, an empty line
+    dispatches, comments and other fields are ignored, an event cut off by the end is not dispatched."""
+    name, data = "", []
+    for line in _sse_lines(chunks):
+        if not line:
+            if data:
+                yield name or "message", "\n".join(data)
+            name, data = "", []
+            continue
+        field, colon, value = line.partition(":")
+        if colon and value.startswith(" "):
+            value = value[1:]
+        if field == "event":
+            name = value
+        elif field == "data":
+            data.append(value)
 
 
 def follow_stream(api: Api, path: str, progress: Progress, started: float) -> Optional[Dict[str, Any]]:
@@ -221,26 +283,20 @@ def follow_stream(api: Api, path: str, progress: Progress, started: float) -> Op
         if response.status_code != 200 or not response.headers.get("Content-Type", "").startswith(
                 "text/event-stream"):
             return None
-        phase, name, data = "preparing", "message", []
+        phase = "preparing"
         try:
-            for raw in response.iter_lines(decode_unicode=False):
-                line = raw.decode("utf-8", errors="replace")
-                if line.startswith("event: "):
-                    name = line[len("event: "):]
-                elif line.startswith("data: "):
-                    data.append(line[len("data: "):])
-                elif not line and data:
-                    text = "\n".join(data)
-                    if name == "status":
-                        doc = json.loads(text)
-                        return doc if isinstance(doc, dict) else None
-                    phase = next((p for marker, p in PHASE_MARKERS if text.startswith(marker)), phase)
-                    elapsed = time.monotonic() - started
-                    # The output of an operation that ended at once arrives in one burst: show
-                    # progress only from where a poll would have seen the operation running.
-                    if elapsed >= POLL_SECONDS:
-                        progress.update(elapsed, "IN_PROGRESS", phase)
-                    name, data = "message", []
+            for name, text in sse_events(response.iter_content(chunk_size=None)):
+                if name == "status":
+                    doc = json.loads(text)
+                    return doc if isinstance(doc, dict) else None
+                if name != "message":
+                    continue
+                phase = next((p for marker, p in PHASE_MARKERS if text.startswith(marker)), phase)
+                elapsed = time.monotonic() - started
+                # The output of an operation that ended at once arrives in one burst: show
+                # progress only from where a poll would have seen the operation running.
+                if elapsed >= POLL_SECONDS:
+                    progress.update(elapsed, "IN_PROGRESS", phase)
         except (requests.RequestException, OSError, ValueError):
             return None
     return None
@@ -290,15 +346,16 @@ def wait_for(api: Api, args: argparse.Namespace, op_id: str) -> int:
 
 def _ended(doc: Dict[str, Any], op_id: str, elapsed: float) -> int:
     if doc.get("status") == "DONE":
-        print(f"{clock(elapsed)} DONE operation {op_id} ({doc.get('type')}) in {elapsed:g} s")
+        print(f"{clock(elapsed)} DONE operation {printable(op_id)} ({printable(doc.get('type'))}) "
+              f"in {elapsed:g} s")
         if doc.get("new_backup_id"):
-            print(f"new backup: {doc['new_backup_id']}")
+            print(f"new backup: {printable(doc['new_backup_id'])}")
         return 0
-    output = doc.get("output") or ""
-    if output:
-        sys.stderr.write(output if output.endswith("\n") else output + "\n")
-    why = doc.get("reason") or f"exit code {doc.get('exit_code')}"
-    print(f"{clock(elapsed)} {doc.get('status')} operation {op_id} ({doc.get('state')}): {why}", file=sys.stderr)
+    for line in printable_lines(str(doc.get("output") or "")):
+        print(line, file=sys.stderr)
+    why = printable(doc.get("reason") or f"exit code {doc.get('exit_code')}")
+    print(f"{clock(elapsed)} {printable(doc.get('status'))} operation {printable(op_id)} "
+          f"({printable(doc.get('state'))}): {why}", file=sys.stderr)
     return 1
 
 
@@ -306,7 +363,7 @@ def _ended(doc: Dict[str, Any], op_id: str, elapsed: float) -> int:
 
 
 def _start(api: Api, args: argparse.Namespace, body: Dict[str, Any]) -> int:
-    op_id = api.call("POST", _server_path(args.server, "operations"), body)["operation_id"]
+    op_id = printable(api.call("POST", _server_path(args.server, "operations"), body)["operation_id"])
     print(op_id, flush=True)
     return wait_for(api, args, op_id) if args.wait else 0
 
@@ -346,12 +403,13 @@ def _operations(api: Api, args: argparse.Namespace) -> int:
     if not operations:
         print("no operations", file=sys.stderr)
     else:
-        width = max(len("ID"), *(len(op["id"]) for op in operations))
+        rows = [(printable(op.get("id")), printable(op.get("type"))) for op in operations]
+        width = max(len("ID"), *(len(op_id) for op_id, _ in rows))
         print(f"{'ID'.ljust(width)}  TYPE")
-        for op in operations:
-            print(f"{op['id'].ljust(width)}  {op['type']}")
+        for op_id, op_type in rows:
+            print(f"{op_id.ljust(width)}  {op_type}")
     if doc.get("next"):
-        print(f"more: add --after {doc['next']}", file=sys.stderr)
+        print(f"more: add --after {printable(doc['next'])}", file=sys.stderr)
     return 0
 
 
@@ -363,9 +421,13 @@ def _show(api: Api, args: argparse.Namespace) -> int:
 
 def _cancel(api: Api, args: argparse.Namespace) -> int:
     doc = api.call("POST", _server_path(args.server, "operations", args.operation_id, "cancel"))
-    print(f"operation {args.operation_id}: {doc.get('status')} ({doc.get('state')})"
-          + (f": {doc['reason']}" if doc.get("reason") else ""))
+    print(f"operation {printable(args.operation_id)}: {printable(doc.get('status'))} ({printable(doc.get('state'))})"
+          + (f": {printable(doc['reason'])}" if doc.get("reason") else ""))
     return 0
+
+
+def _wait(api: Api, args: argparse.Namespace) -> int:
+    return wait_for(api, args, args.operation_id)
 
 
 def _run(args: argparse.Namespace, settings: "Optional[Settings]") -> int:
@@ -423,7 +485,7 @@ def _common_options() -> argparse.ArgumentParser:
 
 
 def add_client_commands(commands: "argparse._SubParsersAction") -> None:
-    """Add recover, backup, operations, show and cancel to the `pg-backup-api` parser."""
+    """Add recover, backup, operations, show, cancel and wait to the `pg-backup-api` parser."""
     common = _common_options()
 
     def command(name: str, func: Any, help_text: str) -> argparse.ArgumentParser:
@@ -473,3 +535,6 @@ def add_client_commands(commands: "argparse._SubParsersAction") -> None:
 
     cancel = command("cancel", _cancel, "client: cancel a running operation")
     cancel.add_argument("operation_id", metavar="ID")
+
+    wait = command("wait", _wait, "client: follow an operation until it ends; exit 1 if it fails")
+    wait.add_argument("operation_id", metavar="ID")

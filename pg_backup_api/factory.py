@@ -59,8 +59,10 @@ def create_app(settings: Optional["Settings"] = None, spawn: Optional["Spawn"] =
 def with_status_shortcut(app: "Flask") -> "WSGIApplication":
     """*app* with `GET /status` answered before Flask: monitoring polls it often, and it needs
     nothing of the application (no token, no audit). The answer is byte for byte Flask's."""
+    from pg_backup_api.api import SECURITY_HEADERS
+
     body = b'"OK"\n'
-    headers = [("Content-Type", "application/json"), ("Content-Length", str(len(body)))]
+    headers = [("Content-Type", "application/json"), ("Content-Length", str(len(body))), *SECURITY_HEADERS.items()]
 
     def application(environ: Dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
         if environ.get("PATH_INFO") == "/status" and environ.get("REQUEST_METHOD") == "GET":

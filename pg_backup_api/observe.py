@@ -4,10 +4,11 @@ streamed output of an operation. Added to the API's blueprint, so tokens and err
 from __future__ import annotations
 
 import time
+import weakref
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional
 
-from flask import Flask, Response, abort, current_app, render_template, request, send_from_directory
+from flask import Flask, Response, abort, current_app, g, render_template, request, send_from_directory
 
 from pg_backup_api import streaming
 from pg_backup_api.api import bp
@@ -27,6 +28,7 @@ def install(app: Flask, service: Any) -> None:
     app.extensions["pg_backup_api.streams"] = streaming.StreamSlots(service.settings.max_streams)
     # The API's output route streams through this layer above it, so it finds it here, not by import.
     app.extensions["pg_backup_api.output_response"] = output_response
+    app.teardown_request(_give_back_unserved_slots)
 
 
 def _service() -> Any:
@@ -52,10 +54,41 @@ def output_response(service: Any, server: Optional[str], op_id: str, query: Dict
     service._reconciled(store, store.get(op_id))  # 404 for an unknown operation, before any stream
     if not follow:
         return Response(service.operation_output(server, op_id), mimetype="text/plain")
-    release = current_app.extensions["pg_backup_api.streams"].take()
-    events = streaming.follow(store, op_id, lambda: service._reconciled(store, store.get(op_id)), release)
-    return Response(events, mimetype="text/event-stream",
-                    headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    slot = current_app.extensions["pg_backup_api.streams"].take()
+    # Until the server holds the response, the end of the request gives the slot back (see below).
+    g.stream_slots = [*g.get("stream_slots", []), slot]
+    events = streaming.follow(store, op_id, lambda: service._reconciled(store, store.get(op_id)))
+    return StreamResponse(events, slot, mimetype="text/event-stream",
+                          headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+class StreamResponse(Response):
+    """An event stream holding a stream slot, given back when the server closes the response.
+
+    A WSGI server closes the body it was handed however the response ends: sent whole, a HEAD
+    (whose body is never iterated), a client gone before the first byte or later, an error while
+    iterating. Werkzeug's development server skips the close when the client reset the connection
+    (it fails reading what is left of the request first), so a response dropped unclosed gives its
+    slot back too. A response that never reaches the server (an error replaced it) gives it back
+    at the end of the request.
+    """
+
+    def __init__(self, events: Iterator[bytes], slot: streaming.Slot, **kwargs: Any) -> None:
+        super().__init__(events, **kwargs)
+        self.slot = slot
+        self.call_on_close(slot.release)
+        weakref.finalize(self, slot.release)
+
+    def __call__(self, environ: Dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        body = super().__call__(environ, start_response)
+        self.slot.served = True  # from here, the server's close() of *body* gives the slot back
+        return body
+
+
+def _give_back_unserved_slots(error: Optional[BaseException]) -> None:
+    for slot in g.pop("stream_slots", []):
+        if not slot.served:
+            slot.release()
 
 
 # -- the web page ---------------------------------------------------------------------------------

@@ -30,15 +30,18 @@ def storage_error(exc: OSError, what: str) -> ApiError:
     return ApiError(detail)
 
 
+def _json(data: Dict[str, Any]) -> str:
+    return json.dumps(data, indent=2) + "\n"
+
+
 @contextmanager
-def _written(directory: Path, name: str, data: Dict[str, Any], mode: int) -> Iterator[str]:
-    """A temporary file in *directory* holding *data*, flushed to disk; removed on leaving."""
+def _written(directory: Path, name: str, text: str, mode: int) -> Iterator[str]:
+    """A temporary file in *directory* holding *text*, flushed to disk; removed on leaving."""
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w") as f:
             os.fchmod(f.fileno(), mode)
-            json.dump(data, f, indent=2)
-            f.write("\n")
+            f.write(text)
             f.flush()
             os.fsync(f.fileno())
         yield tmp
@@ -55,7 +58,15 @@ def write_json_atomic(path: Path, data: Dict[str, Any], exclusive: bool, mode: i
     if exclusive:
         write_json_new([path], data, mode)
         return
-    with _written(path.parent, path.name, data, mode) as tmp:
+    write_text_atomic(path, _json(data), mode)
+
+
+def write_text_atomic(path: Path, text: str, mode: int = 0o640, group: Optional[int] = None) -> None:
+    """Replace *path* with *text* so that a reader sees the old or the new file whole; with *group*,
+    the file has that group from its first moment under *path*."""
+    with _written(path.parent, path.name, text, mode) as tmp:
+        if group is not None:
+            os.chown(tmp, -1, group)
         os.replace(tmp, path)
         _fsync_dir(path.parent)
 
@@ -68,7 +79,7 @@ def write_json_new(candidates: Iterable[Path], data: Dict[str, Any], mode: int =
     """
     names = iter(candidates)
     first = next(names)
-    with _written(first.parent, first.name, data, mode) as tmp:
+    with _written(first.parent, first.name, _json(data), mode) as tmp:
         for path in chain([first], names):
             try:
                 os.link(tmp, path)

@@ -82,6 +82,7 @@ class Service:
         self._stores: Dict[Path, OperationStore] = {}
         self._stores_lock = threading.Lock()
         self.tokens = auth.TokenFile(settings.tokens_file)
+        self.proxy_secret = auth.ProxySecret(settings.proxy_secret_file)
         self.claims = claims.Claims(lambda: self.config_source.get().barman_home / "jobs", self.lookup)
         self.discovery = discovery.Discovery(settings, self.config_source, self.claims)
 

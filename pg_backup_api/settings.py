@@ -9,7 +9,8 @@
     check_timeout = 60             ; seconds a `barman check`, `status` or `diagnose` may take
     check_interval = 300           ; seconds between background `barman check` runs for /metrics
     max_streams = 12               ; output streams (?follow=1) one process serves at once, 429 beyond
-    trusted_proxies = 127.0.0.1 ::1
+    trusted_proxies = 127.0.0.1 ::1  ; where a vouching proxy may connect from
+    proxy_secret_file = /etc/pg-backup-api/proxy-secret  ; what it sends to vouch (see auth.py); empty: none
     ; `-o` options remote_ssh_command may use beyond the default allowlist (see ssh_command.py)
     ssh_options = StrictHostKeyChecking UserKnownHostsFile
     ssh_multiplex = on             ; off: Barman opens its own ssh connections (see ssh_master.py)
@@ -36,6 +37,7 @@ from pg_backup_api import ssh_command
 DEFAULT_BARMAN_CONF = "/etc/barman.conf"
 DEFAULT_CONFIG = "/etc/pg-backup-api/pg-backup-api.conf"
 DEFAULT_TOKENS_FILE = "/etc/pg-backup-api/tokens.json"
+DEFAULT_PROXY_SECRET_FILE = "/etc/pg-backup-api/proxy-secret"
 DEFAULT_PORT = 7480
 LOOPBACK = "127.0.0.1"
 AUTH_MODES = ("none", "token")
@@ -64,6 +66,8 @@ class Settings:
     audit_log: Optional[str] = None  # None: <barman_home>/pg-backup-api-audit.log
     max_body_bytes: int = 64 * 1024
     trusted_proxies: Tuple[str, ...] = ("127.0.0.1", "::1")
+    # The secret a proxy sends to vouch for a client certificate; None: no request is vouched for.
+    proxy_secret_file: Optional[str] = DEFAULT_PROXY_SECRET_FILE
     ssh_options: Tuple[str, ...] = ()
     ssh_multiplex: bool = True
     max_recoveries_per_host: int = 4  # recoveries into one target host running at once; the others wait
@@ -88,7 +92,7 @@ class Settings:
             values, servers = _read_file(path or DEFAULT_CONFIG)
         for key in ("barman_conf", "port", "log_level", "cancel_grace", "check_timeout", "check_interval",
                     "max_streams", "auth", "tokens_file", "audit_log", "max_body_bytes", "ssh_options",
-                    "ssh_multiplex", "max_recoveries_per_host"):
+                    "ssh_multiplex", "max_recoveries_per_host", "proxy_secret_file"):
             if f"PG_BACKUP_API_{key.upper()}" in env:
                 values[key] = env[f"PG_BACKUP_API_{key.upper()}"]
         return cls(
@@ -104,6 +108,7 @@ class Settings:
             audit_log=values.get("audit_log") or None,
             max_body_bytes=_integer(values, "max_body_bytes", 64 * 1024, 1024, 16 * 1024 * 1024),
             trusted_proxies=tuple(values.get("trusted_proxies", "127.0.0.1 ::1").replace(",", " ").split()),
+            proxy_secret_file=values.get("proxy_secret_file", DEFAULT_PROXY_SECRET_FILE).strip() or None,
             ssh_options=ssh_command.option_names(values.get("ssh_options", ""), "[api] or PG_BACKUP_API_SSH_OPTIONS"),
             ssh_multiplex=_switch(values, "ssh_multiplex", True),
             max_recoveries_per_host=_integer(values, "max_recoveries_per_host", 4, 1, 1000),

@@ -2,6 +2,7 @@
 
 import io
 import json
+import re
 import signal
 import ssl
 import subprocess
@@ -12,6 +13,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from werkzeug.serving import make_server
 
 from pg_backup_api import client, create_app
@@ -464,3 +467,98 @@ def test_wait_polls_when_the_stream_is_refused(serve, capsys):
     assert main([*RECOVER, "--url", url, "--destination", "/srv/pg/restore", "--wait"]) == 0
     assert seen and all("/output" not in path for path in seen)
     assert " DONE operation " in capsys.readouterr().out
+
+
+# -- what reaches a terminal ---------------------------------------------------------------
+
+# Every character a terminal acts on rather than shows, but the line feed the client prints itself.
+NOT_PRINTABLE = re.compile("[\x00-\x09\x0b-\x1f\x7f-\x9f]")
+HOSTILE = "\x1b[2J\x1b]0;owned\x07\x9b1;31m\rrewritten\x08\x7f"
+
+
+@settings(max_examples=300, deadline=None)
+@given(values=st.dictionaries(st.sampled_from(["operation_id", "status", "state", "type", "backup_id", "reason",
+                                               "requested_by", "name", "phase", "destination_directory",
+                                               "some_option", "exit_code"]),
+                              st.one_of(st.text(), st.integers(), st.lists(st.text(), max_size=3))),
+       output=st.one_of(st.none(), st.text()), tail=st.lists(st.text(), max_size=4))
+def test_show_of_an_operation_whose_fields_hold_escape_sequences_prints_none(values, output, tail):
+    doc = {**values, "output": output, "output_tail": tail}
+    shown = client.render_operation(doc)
+    assert NOT_PRINTABLE.findall(shown) == []
+    # Each field is one line: only the client's own line breaks, none of a value.
+    assert shown.count("\n") == len(shown.splitlines()) - 1
+
+
+def test_show_of_a_hostile_operation_through_the_service_prints_no_escape(url, barman_files, capsys):
+    (op_id,) = start_recoveries(url, capsys, 1)
+    path = barman_files.home / "pg" / "jobs" / f"{op_id}.json"
+    job_fields = json.loads(path.read_text())
+    path.write_text(json.dumps({**job_fields, "requested_by": f"cert:CN=x{HOSTILE}", "name": HOSTILE}))
+    st_ = store(barman_files)
+    finish(st_, op_id, st_.get(op_id).job, 1, f"line one{HOSTILE}\nline two\x1b[1A\n", State.FAILED,
+           f"barman exited with code 1: {HOSTILE}")
+    assert main(["show", "--url", url, "--server", "pg", op_id]) == 0
+    shown = capsys.readouterr().out
+    assert NOT_PRINTABLE.findall(shown) == []
+    assert "requested by     cert:CN=x[2J]0;owned1;31m rewritten\n" in shown
+    assert shown.endswith("output:\n  line one[2J]0;owned1;31m\n  rewritten\n  line two[1A\n")  # CR: a line break
+    assert main(["wait", "--url", url, "--server", "pg", op_id]) == 1
+    captured = capsys.readouterr()
+    assert NOT_PRINTABLE.findall(captured.out + captured.err) == []
+    assert "(failed): barman exited with code 1: [2J]0;owned1;31m rewritten\n" in captured.err
+
+
+def test_an_error_or_a_table_from_the_service_prints_no_escape(serve, capsys):
+    def hostile(app):
+        def wsgi(environ, start_response):
+            if environ["PATH_INFO"].endswith("/cancel"):
+                start_response("409 Conflict", [("Content-Type", "application/json")])
+                return [json.dumps({"error": f"busy{HOSTILE}"}).encode()]
+            if environ["PATH_INFO"].endswith("/operations"):
+                start_response("200 OK", [("Content-Type", "application/json")])
+                return [json.dumps({"operations": [{"id": f"1{HOSTILE}", "type": HOSTILE}],
+                                    "next": HOSTILE}).encode()]
+            return app(environ, start_response)
+        return wsgi
+
+    url = serve(wrap=hostile)
+    assert main(["cancel", "--url", url, "--server", "pg", "20261127T010000"]) == 1
+    assert main(["operations", "--url", url, "--server", "pg"]) == 0
+    captured = capsys.readouterr()
+    assert NOT_PRINTABLE.findall(captured.out + captured.err) == []
+    assert captured.err.startswith("pg-backup-api: 409 busy[2J]0;owned1;31m rewritten\n")
+
+
+def test_wait_on_a_corrupt_operation_exits_1_with_the_reason(url, barman_files, capsys):
+    (op_id,) = start_recoveries(url, capsys, 1)
+    bad = store(barman_files).worker_path(op_id)
+    bad.parent.mkdir(parents=True, exist_ok=True)
+    bad.write_text("garbage")
+    assert main(["wait", "--url", url, "--server", "pg", op_id]) == 1
+    err = capsys.readouterr().err
+    assert f"FAILED operation {op_id} (corrupt): " in err
+    assert str(bad) in err
+
+
+# -- the event stream as the SSE specification reads it ------------------------------------
+
+
+@pytest.mark.parametrize("end", ["\n", "\r", "\r\n"])
+def test_the_clients_event_parser_ends_lines_at_cr_lf_and_crlf(end):
+    stream = (f"\ufeff: a comment{end}event: status{end}data: {{}}{end}{end}"
+              f"data:no space{end}data{end}data:  two spaces{end}id: 7{end}retry: 10{end}{end}"
+              f"event: ignored{end}{end}"
+              f"data: cut off at the end{end}").encode()
+    expected = [("status", "{}"), ("message", "no space\n\n two spaces")]
+    assert list(client.sse_events([stream])) == expected
+    # However the bytes arrive: one at a time, a CR and its LF in two chunks, a character cut in two.
+    assert list(client.sse_events(stream[i:i + 1] for i in range(len(stream)))) == expected
+
+
+def test_a_carriage_return_alone_ends_a_line_and_starts_a_field():
+    injected = b'data: ok\revent: status\rdata: {"status": "DONE"}\n\n'
+    assert list(client.sse_events([injected])) == [("status", 'ok\n{"status": "DONE"}')]
+    utf8 = "data: caf\u00e9 \u2028 \U0001f600\n\n".encode()
+    by_byte = (utf8[i:i + 1] for i in range(len(utf8)))
+    assert list(client.sse_events(by_byte)) == [("message", "caf\u00e9 \u2028 \U0001f600")]

@@ -1,12 +1,19 @@
 """Optional tokens, the audit trail and the per-server allowlists."""
 
+import grp
 import json
+import os
+import re
 import stat
+from uuid import uuid4
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from pg_backup_api import create_app
-from pg_backup_api.auth import TokenFile
+from pg_backup_api.auth import ProxySecret, TokenFile, vouched_subject, write_proxy_secret
+from pg_backup_api.cli import main
 from pg_backup_api.settings import ServerPolicy, Settings
 
 BODY = {"type": "recovery", "backup_id": "latest", "destination_directory": "/srv/pg/restore",
@@ -126,18 +133,119 @@ def test_every_mutating_request_is_audited_with_who_what_and_outcome(barman_file
     assert anonymous["status"] == 401 and "token" not in anonymous
 
 
-def test_the_certificate_subject_is_trusted_only_from_a_trusted_proxy(barman_files, spawned):
-    client = make_client(barman_files, spawned)
-    subject = {"X-Client-Cert-Subject": "CN=patroni-node-1,O=example"}
-    op_id = client.post("/servers/pg/operations", json=BODY, headers=subject).json["operation_id"]
-    client.post("/servers/pg/operations", json={**BODY, "destination_directory": "/srv/other"},
-                headers=subject, environ_base={"REMOTE_ADDR": "192.0.2.7"})
-    from_proxy, from_elsewhere = audit_lines(barman_files)
-    assert from_proxy["client_cert_subject"] == "CN=patroni-node-1,O=example"
-    assert "client_cert_subject" not in from_elsewhere
-    assert from_elsewhere["remote_addr"] == "192.0.2.7"
-    status = client.get(f"/servers/pg/operations/{op_id}").json
-    assert status["requested_by"] == "cert:CN=patroni-node-1,O=example"
+@pytest.fixture
+def proxy(tmp_path):
+    """The secret of the proxy, as `pg-backup-api proxy-secret` writes it: (settings, the header it sends)."""
+    secret_file, include = tmp_path / "proxy-secret", tmp_path / "apache" / "proxy-secret.conf"
+    write_proxy_secret(secret_file, include, os.getgid())
+    sent = re.fullmatch(r'RequestHeader set X-Pg-Backup-Api-Proxy-Secret "([A-Za-z0-9_-]+)"',
+                        include.read_text().splitlines()[-1]).group(1)
+    return {"proxy_secret_file": str(secret_file)}, {"X-Pg-Backup-Api-Proxy-Secret": sent}
+
+
+SUBJECT = {"X-Client-Cert-Subject": "CN=patroni-node-1,O=example"}
+
+
+def requested_by(client, headers, **kw):
+    response = client.post("/servers/pg/operations", json={**BODY, "destination_directory": f"/srv/r{uuid4().hex}"},
+                           headers=headers, **kw)
+    assert response.status_code == 202, response.json
+    return client.get(f"/servers/pg/operations/{response.json['operation_id']}").json.get("requested_by")
+
+
+def test_a_forged_certificate_subject_from_a_local_untrusted_connection_is_not_recorded(barman_files, spawned,
+                                                                                       proxy):
+    """Any local user can connect to the service on loopback, where the proxy connects from too."""
+    client = make_client(barman_files, spawned, **proxy[0])
+    assert requested_by(client, SUBJECT) is None
+    assert requested_by(client, {**SUBJECT, "X-Pg-Backup-Api-Proxy-Secret": "pgba_guessed"}) is None
+    assert requested_by(client, {**SUBJECT, "X-Pg-Backup-Api-Proxy-Secret": ""}) is None
+    assert all("client_cert_subject" not in line for line in audit_lines(barman_files))
+    # Without a secret file (the default one does not exist here), nobody vouches.
+    client = make_client(barman_files, spawned, proxy_secret_file=str(barman_files.root / "nothing"))
+    assert requested_by(client, {**SUBJECT, **proxy[1]}) is None
+    assert make_client(barman_files, spawned, proxy_secret_file=None).post(
+        "/servers/pg/operations", json=BODY, headers={**SUBJECT, **proxy[1]}).status_code == 202
+    assert all("client_cert_subject" not in line for line in audit_lines(barman_files))
+
+
+def test_the_subject_counts_only_with_the_proxy_secret_from_a_trusted_address(barman_files, spawned, proxy,
+                                                                            tmp_path):
+    client = make_client(barman_files, spawned, **proxy[0])
+    assert requested_by(client, {**SUBJECT, **proxy[1]}) == "cert:CN=patroni-node-1,O=example"
+    assert audit_lines(barman_files)[-1]["client_cert_subject"] == "CN=patroni-node-1,O=example"
+    assert requested_by(client, {**SUBJECT, **proxy[1]}, environ_base={"REMOTE_ADDR": "192.0.2.7"}) is None
+    assert audit_lines(barman_files)[-1]["remote_addr"] == "192.0.2.7"
+    assert "client_cert_subject" not in audit_lines(barman_files)[-1]
+    # A new secret takes effect at once, without a restart; the old one vouches no more.
+    write_proxy_secret(tmp_path / "proxy-secret", tmp_path / "apache" / "proxy-secret.conf", os.getgid())
+    assert requested_by(client, {**SUBJECT, **proxy[1]}) is None
+
+
+def test_a_vouched_subject_is_stored_without_control_characters(barman_files, spawned, proxy):
+    client = make_client(barman_files, spawned, **proxy[0])
+    # As a header carries them: UTF-8 bytes (here a C1 CSI, U+009B, is two of them), decoded as latin-1.
+    sent = "CN=a\x1b]0;title\x07\x1b[2J\u009b\x7fb".encode().decode("latin-1")
+    assert requested_by(client, {"X-Client-Cert-Subject": sent, **proxy[1]}) == "cert:CN=a]0;title[2Jb"
+    assert audit_lines(barman_files)[-1]["client_cert_subject"] == "CN=a]0;title[2Jb"
+    # A byte that is no UTF-8 is kept as U+FFFD, which is no control character.
+    assert requested_by(client, {"X-Client-Cert-Subject": "CN=\x9b\x85b", **proxy[1]}) == "cert:CN=\ufffd\ufffdb"
+    # Apache sends the subject in UTF-8 (WSGI hands it over as latin-1): read as UTF-8, nothing lost.
+    utf8 = {"X-Client-Cert-Subject": "CN=J\u00f6rg \u0105".encode().decode("latin-1"), **proxy[1]}
+    assert requested_by(client, utf8) == "cert:CN=J\u00f6rg \u0105"
+    only_controls = {"X-Client-Cert-Subject": "\x1b\x07", **proxy[1]}
+    assert requested_by(client, only_controls) is None
+
+
+@settings(max_examples=300, deadline=None)
+@given(subject=st.text().map(lambda t: t.encode("utf-8", "surrogatepass").decode("latin-1")) | st.text(
+    alphabet=st.characters(max_codepoint=255)))
+def test_a_vouched_subject_never_holds_a_control_character(tmp_path_factory, subject):
+    path = tmp_path_factory.getbasetemp() / "subject-property-secret"
+    path.write_text("x" * 32)
+    found = vouched_subject("127.0.0.1", {"X-Client-Cert-Subject": subject, "X-Pg-Backup-Api-Proxy-Secret": "x" * 32},
+                            ("127.0.0.1",), ProxySecret(str(path)))
+    assert found is None or (found and not re.search("[\x00-\x1f\x7f-\x9f]", found))
+
+
+def test_a_short_or_unreadable_secret_file_vouches_for_no_one(tmp_path, caplog):
+    short = tmp_path / "short"
+    short.write_text("tooshort\n")
+    assert not ProxySecret(str(short)).vouches("tooshort")
+    assert "at least 32" in caplog.text
+    folder = tmp_path / "a-directory"
+    folder.mkdir()
+    assert not ProxySecret(str(folder)).vouches("")
+    assert not ProxySecret(str(tmp_path / "missing")).vouches("x" * 40)
+    assert "does not exist" in caplog.text
+
+
+def test_proxy_secret_writes_the_services_file_and_the_vhosts_include(tmp_path, monkeypatch, capsys):
+    secret_file, include = tmp_path / "etc" / "proxy-secret", tmp_path / "apache2" / "proxy-secret.conf"
+    monkeypatch.setenv("PG_BACKUP_API_PROXY_SECRET_FILE", str(secret_file))
+    monkeypatch.setenv("PG_BACKUP_API_CONFIG", str(tmp_path / "none.conf"))
+    (tmp_path / "none.conf").write_text("[api]\n")
+    group = grp.getgrgid(os.getgid()).gr_name
+    assert main(["proxy-secret", "--apache-include", str(include), "--group", group]) == 0
+    assert "reload Apache" in capsys.readouterr().out
+    secret = secret_file.read_text().strip()
+    assert len(secret) >= 32
+    assert include.read_text().splitlines()[-1] == f'RequestHeader set X-Pg-Backup-Api-Proxy-Secret "{secret}"'
+    assert stat.S_IMODE(secret_file.stat().st_mode) == 0o640 and secret_file.stat().st_gid == os.getgid()
+    assert stat.S_IMODE(include.stat().st_mode) == 0o600
+    assert main(["proxy-secret", "--apache-include", str(include), "--group", group]) == 0
+    assert secret_file.read_text().strip() != secret  # run again: a new secret
+    assert main(["proxy-secret", "--apache-include", str(include), "--group", "no-such-group-here"]) == 1
+    assert "no-such-group-here" in capsys.readouterr().err
+
+
+def test_an_empty_proxy_secret_file_setting_means_no_proxy(tmp_path):
+    conf = tmp_path / "api.conf"
+    conf.write_text("[api]\nproxy_secret_file =\n")
+    assert Settings.from_env({"PG_BACKUP_API_CONFIG": str(conf)}).proxy_secret_file is None
+    assert Settings.from_env({"PG_BACKUP_API_CONFIG": str(conf), "PG_BACKUP_API_PROXY_SECRET_FILE": "/x"}
+                             ).proxy_secret_file == "/x"
+    assert Settings().proxy_secret_file == "/etc/pg-backup-api/proxy-secret"
 
 
 def test_allowlists_narrow_hosts_and_destinations(barman_files, spawned):

@@ -39,13 +39,24 @@
         }
         login.hidden = true;
         view.innerHTML = html;
+        place();
         follow();
       });
     }).catch(function (err) { view.textContent = "cannot reach the service: " + err; });
   }
 
+  // The time line's marks: the page's policy (CSP) allows no style attribute, but a script may set
+  // a style property.
+  function place() {
+    Array.prototype.forEach.call(view.querySelectorAll("[data-left]"), function (mark) {
+      mark.style.left = mark.dataset.left + "%";
+      if (mark.dataset.width) { mark.style.width = mark.dataset.width + "%"; }
+    });
+  }
+
   // Barman's output, line by line as it is printed, then the final state; read with fetch so the
-  // token goes in a header (EventSource cannot send one).
+  // token goes in a header (EventSource cannot send one). Lines end at CR, LF or CRLF, as the
+  // event stream format says.
   function follow() {
     var pre = document.getElementById("output");
     if (!pre || pre.dataset.running !== "yes") { return; }
@@ -59,37 +70,50 @@
       var reader = response.body.getReader();
       var decoder = new TextDecoder();
       var buffer = "";
+      var name = "";
+      var data = [];
+      function line(text) {
+        if (text === "") {
+          if (data.length) { handle(name || "message", data.join("\n")); }
+          name = "";
+          data = [];
+          return;
+        }
+        var colon = text.indexOf(":");
+        if (colon === 0) { return; }  // a comment
+        var field = colon < 0 ? text : text.slice(0, colon);
+        var value = colon < 0 ? "" : text.slice(colon + 1);
+        if (value.charAt(0) === " ") { value = value.slice(1); }
+        if (field === "event") { name = value; } else if (field === "data") { data.push(value); }
+      }
       function pump() {
         return reader.read().then(function (chunk) {
           if (chunk.done) { return; }
           buffer += decoder.decode(chunk.value, { stream: true });
-          var events = buffer.split("\n\n");
-          buffer = events.pop();
-          events.forEach(handle);
+          var end;
+          while ((end = /\r\n|\r|\n/.exec(buffer)) !== null) {
+            // A CR at the very end may be the first half of a CRLF: wait for the next chunk.
+            if (end[0] === "\r" && end.index + 1 === buffer.length) { break; }
+            line(buffer.slice(0, end.index));
+            buffer = buffer.slice(end.index + end[0].length);
+          }
           return pump();
         });
       }
       return pump();
     }).catch(function () { /* aborted on navigation */ });
 
-    function handle(raw) {
-      var name = "message";
-      var data = [];
-      raw.split("\n").forEach(function (line) {
-        if (line.indexOf("event: ") === 0) { name = line.slice(7); }
-        else if (line.indexOf("data: ") === 0) { data.push(line.slice(6)); }
-      });
-      if (!data.length) { return; }
+    function handle(name, text) {
       if (name === "status") {
-        var doc = JSON.parse(data.join("\n"));
+        var doc = JSON.parse(text);
         var state = document.getElementById("state");
         state.textContent = doc.status + " (" + doc.state + ")";
         state.className = "state-" + doc.state;
         pre.dataset.running = "no";
         // The other fields (duration, phase, reason) were drawn while it ran: draw the ended operation.
         load();
-      } else {
-        pre.textContent += data.join("\n") + "\n";
+      } else if (name === "message") {
+        pre.textContent += text + "\n";
         pre.scrollTop = pre.scrollHeight;
       }
     }

@@ -5,7 +5,9 @@ With CI=true nothing here may skip: a missing component fails the run.
 
 from __future__ import annotations
 
+import grp
 import os
+import pwd
 import shutil
 import signal
 import socket
@@ -148,6 +150,21 @@ def sandbox() -> Iterator[Sandbox]:
         sandbox_down(box.directory)
 
 
+def proxy_secret(sandbox: Sandbox) -> Dict[str, Path]:
+    """The proxy's secret for this sandbox, made once, as an operator makes it: the installed
+    `pg-backup-api proxy-secret`, as root; `file` is the services' proxy_secret_file, `include` the vhost's."""
+    folder = sandbox.directory / "proxy-secret"
+    made = {"file": folder / "secret", "include": folder / "apache.conf"}
+    if not made["include"].exists():
+        group = grp.getgrgid(pwd.getpwnam(sandbox["BARMAN_USER"]).pw_gid).gr_name
+        done = subprocess.run([str(VENV / "bin" / "pg-backup-api"), "proxy-secret", "--apache-include",
+                               str(made["include"]), "--group", group],
+                              env={**os.environ, "PG_BACKUP_API_PROXY_SECRET_FILE": str(made["file"])},
+                              capture_output=True, text=True, stdin=subprocess.DEVNULL)
+        assert done.returncode == 0, done.stdout + done.stderr
+    return made
+
+
 class Service:
     """pg-backup-api run as the Barman user, the way it runs in production."""
 
@@ -163,6 +180,7 @@ class Service:
         user = self.sandbox["BARMAN_USER"]
         argv = ["runuser", "-u", user, "--", "env", f"PG_BACKUP_API_BARMAN_CONF={self.sandbox['BARMAN_CONF']}",
                 f"PATH={VENV}/bin:/usr/bin:/bin", f"HOME={self.sandbox['BARMAN_HOME']}",
+                f"PG_BACKUP_API_PROXY_SECRET_FILE={proxy_secret(self.sandbox)['file']}",
                 *(f"{k}={v}" for k, v in self.extra_env.items()),
                 str(VENV / "bin" / "pg-backup-api"), "serve", "--port", str(self.port)]
         with open(self.log, "ab") as log:
@@ -280,13 +298,15 @@ class Apache:
                 path.chmod(0o755 if path.is_dir() else 0o644)
         return errors
 
-    def https_site(self, name: str, port: int, backend: int, tls: Dict[str, Any]) -> str:
-        """The shipped HTTPS vhost (client certificates required) on *port* in front of *backend*; its URL."""
+    def https_site(self, name: str, port: int, backend: int, tls: Dict[str, Any], proxy_include: Path) -> str:
+        """The shipped HTTPS vhost (client certificates required) on *port* in front of *backend*, vouching
+        with the secret of *proxy_include* (see proxy_secret); its URL."""
         self.site(name, render(VHOST, {
             "<VirtualHost *:443>": f"<VirtualHost 127.0.0.1:{port}>",
             "/etc/apache2/pg-backup-api/server.crt": tls["server_crt"],
             "/etc/apache2/pg-backup-api/server.key": tls["server_key"],
             "/etc/apache2/pg-backup-api/client-ca.crt": tls["client_ca"],
+            "/etc/apache2/pg-backup-api/proxy-secret.conf": str(proxy_include),
             "http://127.0.0.1:7480/": f"http://127.0.0.1:{backend}/",
             "/usr/share/pg-backup-api/apache-errors": str(self.error_documents()),
         }), https_port=port)
@@ -383,7 +403,7 @@ def apache_front(service: Service) -> Iterator[Front]:
         tls = make_certificates(work / "tls")
         server = Apache(work)
         port = free_port()
-        url = server.https_site("front", port, service.port, tls)
+        url = server.https_site("front", port, service.port, tls, proxy_secret(service.sandbox)["include"])
         server.start([port])
         try:
             yield Front(url, tls)

@@ -3,6 +3,7 @@
 import os
 import re
 import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -63,3 +64,23 @@ def test_a_failing_recover_wait_exits_1_with_barmans_error(sandbox, service):
     assert "ERROR: The restore operation cannot proceed" in failed.stderr, failed.stderr  # barman's words
     assert f"FAILED operation {op_id} (failed): barman exited with code" in failed.stderr
     assert "Traceback" not in failed.stderr
+
+
+def test_wait_on_a_corrupt_operation_ends_with_the_reason(sandbox, service):
+    """A corrupt operation's stream used to run on for ever, and `--wait` with it."""
+    server = sandbox["BARMAN_SERVER"]
+    failed = recover(sandbox, service, sandbox.restore_dir("e2e-client-corrupt"), "ssh -p 1 postgres@127.0.0.1")
+    assert failed.returncode == 1, failed.stdout + failed.stderr
+    op_id = failed.stdout.splitlines()[0]
+    output = Path(sandbox["BARMAN_HOME"]) / server / "output" / f"{op_id}.json"
+    kept = output.read_bytes()
+    try:
+        with open(output, "w") as f:  # the same file (owner, mode), its contents broken
+            f.write('{"success": fal')
+        waited = client(service, "wait", "--server", server, op_id)
+        assert waited.returncode == 1, waited.stdout + waited.stderr
+        assert f"FAILED operation {op_id} (corrupt): " in waited.stderr
+        assert str(output) in waited.stderr
+    finally:
+        output.write_bytes(kept)
+    assert client(service, "wait", "--server", server, op_id).returncode == 1  # FAILED as it was

@@ -35,6 +35,7 @@ from .conftest import (
     free_port,
     make_certificates,
     need,
+    proxy_secret,
     render,
     unavailable,
     wait_for,
@@ -172,7 +173,8 @@ class Gunicorn:
         return {"PATH": path, "HOME": sandbox["BARMAN_UNIX_HOME"], "USER": sandbox["BARMAN_USER"],
                 "LOGNAME": sandbox["BARMAN_USER"], "LANG": "C.UTF-8",
                 "PG_BACKUP_API_BARMAN_CONF": sandbox["BARMAN_CONF"],
-                "PG_BACKUP_API_BIND": f"127.0.0.1:{self.port}", "PG_BACKUP_API_LOG_DIR": str(self.log_dir)}
+                "PG_BACKUP_API_BIND": f"127.0.0.1:{self.port}", "PG_BACKUP_API_LOG_DIR": str(self.log_dir),
+                "PG_BACKUP_API_PROXY_SECRET_FILE": str(proxy_secret(sandbox)["file"])}
 
     def command(self, *extra: str, app: str = APP, conf: Path = GUNICORN_CONF) -> List[str]:
         return [str(GUNICORN), "-c", str(conf), *extra, app]
@@ -371,7 +373,7 @@ def tls(work) -> Dict[str, Any]:
 
 
 @pytest.fixture(scope="module")
-def apache(work, tls, api, echo) -> Iterator[Dict[str, str]]:
+def apache(sandbox, work, tls, api, echo) -> Iterator[Dict[str, str]]:
     """The shipped vhosts in front of: the service, the echo app, a port nothing listens on. Base URLs."""
     server = Apache(work)
     errors = server.error_documents()
@@ -379,7 +381,7 @@ def apache(work, tls, api, echo) -> Iterator[Dict[str, str]]:
     backends = {"api": api.port, "echo": echo.port, "down": free_port()}
     for name, backend in backends.items():
         port = free_port()
-        server.https_site(f"https-{name}", port, backend, tls)
+        server.https_site(f"https-{name}", port, backend, tls, proxy_secret(sandbox)["include"])
         urls[f"https-{name}"] = f"https://127.0.0.1:{port}"
         ports.append(port)
     for name in ("api", "echo"):
@@ -550,15 +552,36 @@ def test_apache_refuses_a_client_without_a_certificate_of_the_client_ca(apache, 
     assert probe not in (api.log_dir / "pg-backup-api-access.log").read_text()
 
 
-def test_the_service_sees_the_verified_subject_and_never_one_a_client_sent(apache, tls):
+def test_the_service_sees_the_verified_subject_and_never_one_a_client_sent(sandbox, apache, tls):
     forged = {"X-Client-Cert-Subject": "CN=admin", "X-Client-Cert_Subject": "CN=admin",
-              "X_Client_Cert_Subject": "CN=admin"}
+              "X_Client_Cert_Subject": "CN=admin", "X-Pg-Backup-Api-Proxy-Secret": "guessed",
+              "X-Pg-Backup-Api-Proxy_Secret": "guessed"}
     seen = requests.get(f"{apache['https-echo']}/", headers=forged, cert=tls["patroni"], verify=tls["verify"],
                         timeout=30).json()
     assert seen["HTTP_X_CLIENT_CERT_SUBJECT"] == "CN=patroni,O=pg-backup-api tests"
     assert seen["HTTP_X_FORWARDED_PROTO"] == "https"
+    # The vhost vouches with the secret `pg-backup-api proxy-secret` made, whatever the client sent.
+    assert seen["HTTP_X_PG_BACKUP_API_PROXY_SECRET"] == proxy_secret(sandbox)["file"].read_text().strip()
     seen = requests.get(f"{apache['http-echo']}/", headers=forged, timeout=30).json()
     assert "HTTP_X_CLIENT_CERT_SUBJECT" not in seen  # the plain-HTTP variant verifies no one
+    assert "HTTP_X_PG_BACKUP_API_PROXY_SECRET" not in seen  # and vouches for no one
+
+
+def test_a_recovery_through_apache_records_the_verified_subject_and_gunicorn_refuses_a_local_forgery(
+        sandbox, apache, tls, api):
+    server = sandbox["BARMAN_SERVER"]
+    auth = {"cert": tls["patroni"], "verify": tls["verify"]}
+    forged = {"X-Client-Cert-Subject": "CN=admin"}
+    body = {"type": "recovery", "backup_id": "latest", "remote_ssh_command": "ssh -p 1 postgres@127.0.0.1"}
+    through = requests.post(f"{apache['https-api']}/servers/{server}/operations", headers=forged, timeout=60,
+                            json={**body, "destination_directory": sandbox.restore_dir("subject-apache")}, **auth)
+    assert through.status_code == 202, through.text
+    local = requests.post(f"{api.url}/servers/{server}/operations", headers=forged, timeout=60,
+                          json={**body, "destination_directory": sandbox.restore_dir("subject-local")})
+    assert local.status_code == 202, local.text
+    for response, expected in [(through, "cert:CN=patroni,O=pg-backup-api tests"), (local, None)]:
+        op_id = response.json()["operation_id"]
+        assert wait_until_ended(api.url, sandbox, op_id).get("requested_by") == expected
 
 
 def test_apache_answers_json_when_the_service_is_down(apache, tls):

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import time
 from pathlib import Path
+from typing import Any, Dict
 
 import pytest
+import requests
 
 from tests.test_ssh_command import HOSTILE
 
-from .conftest import VENV, Service
+from .conftest import VENV, Front, Service
 
 pytestmark = pytest.mark.e2e
 
@@ -83,3 +86,35 @@ def test_tokens_on_the_real_service(sandbox):
         assert denied.json()["error"].startswith("token 'monitoring' has scope 'read'")
     finally:
         service.stop()
+
+
+def post_unreachable_recovery(base_url: str, sandbox, name: str, headers: Dict[str, str], **kw: Any) -> str:
+    """A recovery to a port nothing listens on (it fails at once, touching nothing); its id."""
+    response = requests.post(f"{base_url}/servers/{sandbox['BARMAN_SERVER']}/operations", headers=headers, json={
+        "type": "recovery", "backup_id": "latest", "destination_directory": sandbox.restore_dir(name),
+        "remote_ssh_command": "ssh -p 1 postgres@127.0.0.1"}, timeout=60, **kw)
+    assert response.status_code == 202, response.text
+    return response.json()["operation_id"]
+
+
+def test_a_forged_certificate_subject_from_loopback_is_not_recorded(sandbox, service):
+    """Any local user reaches the service on 127.0.0.1, the address the proxy connects from."""
+    server = sandbox["BARMAN_SERVER"]
+    forged = [{"X-Client-Cert-Subject": "CN=admin\x1b]0;owned\x07"},
+              {"X-Client-Cert-Subject": "CN=admin", "X-Pg-Backup-Api-Proxy-Secret": "pgba_guessed" * 4}]
+    for n, headers in enumerate(forged):
+        op_id = post_unreachable_recovery(service.url, sandbox, f"forged-subject-{n}", headers)
+        status = service.wait_until_ended(server, op_id)
+        assert "requested_by" not in status, status
+        job = json.loads((Path(sandbox["BARMAN_HOME"]) / server / "jobs" / f"{op_id}.json").read_text())
+        assert "requested_by" not in job
+        audit = Path(sandbox["BARMAN_HOME"]) / "pg-backup-api-audit.log"
+        line = next(json.loads(text) for text in audit.read_text().splitlines() if op_id in text)
+        assert "client_cert_subject" not in line and line["remote_addr"] == "127.0.0.1"
+
+
+def test_a_recovery_through_apache_records_the_verified_subject(sandbox, service, apache_front: Front):
+    op_id = post_unreachable_recovery(apache_front.url, sandbox, "subject-front", {"X-Client-Cert-Subject": "CN=x"},
+                                      **apache_front.auth)
+    status = service.wait_until_ended(sandbox["BARMAN_SERVER"], op_id)
+    assert status["requested_by"] == "cert:CN=patroni,O=pg-backup-api tests"

@@ -4,6 +4,8 @@ by many clients at once, and through the shipped Apache vhost (which must not ho
 from __future__ import annotations
 
 import json
+import socket
+import struct
 import threading
 import time
 from typing import Any, Dict, Iterator, List, Optional, Tuple
@@ -11,7 +13,9 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 import pytest
 import requests
 
-from .conftest import Front, Sandbox, Service
+from pg_backup_api.client import sse_events
+
+from .conftest import Front, Sandbox, Service, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -32,20 +36,9 @@ def operation_path(sandbox: Sandbox, op_id: str) -> str:
 
 
 def events(response: requests.Response) -> Iterator[Tuple[str, str]]:
-    """(event name, data) as each event arrives; comments (the opening line, keepalives) are left out."""
-    buffer = b""
-    for chunk in response.iter_content(chunk_size=None):  # each chunk as it comes, not 512 bytes at a time
-        buffer += chunk
-        while b"\n\n" in buffer:
-            raw, buffer = buffer.split(b"\n\n", 1)
-            name, data = "message", []
-            for line in raw.decode().split("\n"):
-                if line.startswith("event: "):
-                    name = line[len("event: "):]
-                elif line.startswith("data: "):
-                    data.append(line[len("data: "):])
-            if data:
-                yield name, "\n".join(data)
+    """(event name, data) as each event arrives, read by the SSE specification's rules; comments (the
+    opening line, keepalives) are left out."""
+    return sse_events(response.iter_content(chunk_size=None))  # each chunk as it comes, not 512 bytes at a time
 
 
 def follow(url: str, **kw: Any) -> List[Tuple[str, str]]:
@@ -134,3 +127,34 @@ def test_events_pass_through_the_apache_vhost_as_they_are_printed(sandbox, servi
     assert state_at_first_line == "IN_PROGRESS", "Apache held the events back until the operation ended"
     final = assert_every_line_once_then_the_status(received, service, sandbox, op_id)
     assert final["status"] == "DONE", final
+
+
+def test_head_and_early_disconnecting_followers_give_their_slots_back(sandbox, service):
+    """HEADs and clients that leave before reading, more of each than the service has slots: a follower
+    still gets the whole stream afterwards (a HEAD used to keep its slot until a restart)."""
+    failed = requests.post(f"{service.url}/servers/{sandbox['BARMAN_SERVER']}/operations", timeout=60, json={
+        "type": "recovery", "backup_id": "latest", "destination_directory": sandbox.restore_dir("stream-slots"),
+        "remote_ssh_command": "ssh -p 1 postgres@127.0.0.1"})  # nothing listens there: it ends at once
+    assert failed.status_code == 202, failed.text
+    op_id = failed.json()["operation_id"]
+    service.wait_until_ended(sandbox["BARMAN_SERVER"], op_id)
+    path = f"{operation_path(sandbox, op_id)}/output?follow=1"
+    url = f"{service.url}{path}"
+    rounds = 2 * DEFAULT_MAX_STREAMS
+    for _ in range(rounds):
+        head = requests.head(url, timeout=30)
+        assert head.status_code == 200 and head.headers["Content-Type"].startswith("text/event-stream")
+    for _ in range(rounds):  # a raw client that sends its request and goes before the first byte
+        with socket.create_connection(("127.0.0.1", service.port), timeout=30) as sock:
+            sock.sendall(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode())
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # close with a reset
+    for _ in range(rounds):  # requests, closing the stream unread
+        with requests.get(url, stream=True, timeout=30) as response:
+            assert response.status_code in (200, 429)  # a departed client's request may still be ending
+
+    def follows() -> Optional[List[Tuple[str, str]]]:
+        with requests.get(url, stream=True, timeout=(10, 120)) as response:
+            return list(events(response)) if response.status_code == 200 else None
+
+    received = wait_for(follows, what="a follower gets a slot")
+    assert_every_line_once_then_the_status(received, service, sandbox, op_id)

@@ -38,6 +38,11 @@ new MutationObserver(function () {
   var last = window.__outputLog[window.__outputLog.length - 1];
   if (!last || last.lines !== entry.lines || last.state !== entry.state) { window.__outputLog.push(entry); }
 }).observe(document, {subtree: true, childList: true, characterData: true});
+// What the page's Content-Security-Policy refused, if anything.
+window.__cspViolations = [];
+document.addEventListener("securitypolicyviolation", function (e) {
+  window.__cspViolations.push(e.violatedDirective + " " + e.blockedURI);
+});
 """
 
 
@@ -71,7 +76,12 @@ def shoot(page: Any, name: str) -> None:
 
 
 def see_servers(page: Any, base_url: str, sandbox: Sandbox, shot: str) -> None:
-    page.goto(f"{base_url}/ui/")
+    response = page.goto(f"{base_url}/ui/")
+    headers = response.headers
+    assert "script-src 'self'" in headers["content-security-policy"], headers
+    assert "frame-ancestors 'none'" in headers["content-security-policy"]
+    assert headers["x-frame-options"] == "DENY" and headers["x-content-type-options"] == "nosniff"
+    assert headers["referrer-policy"] == "no-referrer"
     row = page.locator("#servers tr.server", has_text=sandbox["BARMAN_SERVER"])
     row.wait_for()
     assert "active" in row.inner_text()
@@ -86,7 +96,9 @@ def see_server(page: Any, sandbox: Sandbox, shot: str) -> None:
     assert "DONE" in page.locator("#backups tr.backup-row", has_text=sandbox["BACKUP_ID"]).inner_text()
     window = page.locator("#window").inner_text()
     assert window.startswith("A recovery can reach any time from"), window
-    assert page.locator("#timeline .window").count() == 1  # the window drawn on the time line
+    assert page.locator("#timeline .window").count() == 1  # the window drawn on the time line ...
+    timeline, window = page.locator("#timeline").bounding_box(), page.locator("#timeline .window").bounding_box()
+    assert window["width"] > 0 and window["x"] + window["width"] <= timeline["x"] + timeline["width"] + 1  # ... placed
     shoot(page, shot)
 
 
@@ -99,7 +111,8 @@ def follow_operation(page: Any, base_url: str, sandbox: Sandbox, service: Servic
     page.locator("#operations a", has_text=op_id).click()
     page.locator("#state").wait_for()
     assert page.locator("h1").inner_text() == f"Operation {op_id}"
-    page.wait_for_function("document.getElementById('state').textContent.indexOf('IN_PROGRESS') < 0",
+    # A function, not a string: the page's CSP refuses the eval a string predicate would need.
+    page.wait_for_function("() => document.getElementById('state').textContent.indexOf('IN_PROGRESS') < 0",
                            timeout=300_000)
     assert page.locator("#state").inner_text() == "DONE (succeeded)"
     output = page.locator("#output").inner_text()
@@ -122,7 +135,10 @@ def assert_lines_came_while_it_ran(log: List[Dict[str, Any]]) -> None:
 def walk_through(page: Any, base_url: str, sandbox: Sandbox, service: Service, destination: str, prefix: str,
                  *tls: str) -> None:
     """Servers, one server, then a recovery started with the client (*tls*: its certificate options)
-    followed on the page to its end; a screenshot of each view named with *prefix*."""
+    followed on the page to its end; a screenshot of each view named with *prefix*. Nothing of it is
+    refused by the page's Content-Security-Policy."""
+    console: List[str] = []
+    page.on("console", lambda message: console.append(message.text))
     see_servers(page, base_url, sandbox, f"{prefix}servers")
     see_server(page, sandbox, f"{prefix}server")
     # Slowed down (KB/s): over one multiplexed ssh connection the restore would end before the page opens it.
@@ -133,6 +149,22 @@ def walk_through(page: Any, base_url: str, sandbox: Sandbox, service: Service, d
     op_id = started.stdout.split()[0]
     log = follow_operation(page, base_url, sandbox, service, op_id, f"{prefix}operation")
     assert_lines_came_while_it_ran(log)
+    assert page.evaluate("window.__cspViolations") == []
+    assert [text for text in console if "Content Security Policy" in text] == []
+
+
+def test_the_page_cannot_be_framed(service, browser):
+    context = browser.new_context(viewport=VIEWPORT)
+    page = context.new_page()
+    try:
+        # Another origin (a file) frames the page, as a site tricking an operator's clicks would.
+        page.set_content(f'<iframe id="framed" src="{service.url}/ui/"></iframe>')
+        page.wait_for_function("() => document.getElementById('framed').contentWindow !== null")
+        frame = page.frames[1]
+        frame.wait_for_load_state()
+        assert frame.locator("#view").count() == 0  # refused: nothing of the page drawn in the frame
+    finally:
+        context.close()
 
 
 def test_the_page_shows_the_servers_a_server_and_a_recovery_started_with_the_client(sandbox, service, browser):
