@@ -72,7 +72,7 @@ class BarmanConfig:
 
     @property
     def model_names(self) -> List[str]:
-        return sorted(self.config.model_names())
+        return barman_config.model_names(self.config)
 
     def server(self, name: str) -> Any:
         """The ServerConfig of *name*, or NoSuchServer."""
