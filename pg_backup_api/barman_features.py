@@ -58,6 +58,8 @@ FEATURES: Tuple[Feature, ...] = (
     Feature("config_switch", "type 'config_switch' (configuration models)", (3, 10), "barman.config.ModelConfig"),
     Feature("config_update", "type 'config_update' (Barman's configuration change queue)", (3, 10),
             "barman.config.ConfigChangesQueue"),
+    Feature("named_wait", "field 'name' with 'wait_for_wals' (Barman 3.4 does not save the name with --wait)",
+            (3, 5)),
     Feature("incremental", "field 'incremental' (barman backup --incremental)", (3, 11)),
     Feature("restore_command", "the `barman restore` command (`recover` before)", (3, 12)),
     Feature("auto", "backup_id 'auto'", (3, 13), "barman.server.Server.get_closest_backup_id_from_target_time"),
@@ -67,15 +69,16 @@ FEATURES: Tuple[Feature, ...] = (
     Feature("delta_restore", "delta restore into a destination that is not empty (recovery_options)", (3, 17)),
 )
 BY_KEY: Dict[str, Feature] = {f.key: f for f in FEATURES}
-# What a request asks for, by operation type and field: the feature it needs.
-REQUEST_FEATURES: Dict[Tuple[str, str], str] = {
-    ("recovery", "staging_wal_directory"): "staging_wal_directory",
-    ("backup", "incremental"): "incremental",
-    ("config_switch", ""): "config_switch",
-    ("config_update", ""): "config_update",
+# What a request asks for, by operation type and the fields it sets (none: the type itself): the feature it needs.
+REQUEST_FEATURES: Dict[Tuple[str, Tuple[str, ...]], str] = {
+    ("recovery", ("staging_wal_directory",)): "staging_wal_directory",
+    ("backup", ("name", "wait_for_wals")): "named_wait",
+    ("backup", ("incremental",)): "incremental",
+    ("config_switch", ()): "config_switch",
+    ("config_update", ()): "config_update",
 }
 # Features the service offers through the API (the others only change how it drives Barman).
-OFFERED = ("config_switch", "config_update", "incremental", "auto", "staging_wal_directory")
+OFFERED = ("named_wait", "config_switch", "config_update", "incremental", "auto", "staging_wal_directory")
 
 
 class NeedsNewerBarman(Unprocessable):
@@ -114,8 +117,8 @@ class BarmanFeatures:
 
     def require_for_request(self, op_type: str, fields: Mapping[str, object]) -> None:
         """Refuse (422) a request that asks for something this Barman lacks, before anything runs."""
-        for (kind, field), key in REQUEST_FEATURES.items():
-            if kind == op_type and (not field or fields.get(field) not in (None, False, "")):
+        for (kind, needed), key in REQUEST_FEATURES.items():
+            if kind == op_type and all(fields.get(f) not in (None, False, "") for f in needed):
                 self.require(key)
 
     def refusal(self, key: str) -> Optional[str]:

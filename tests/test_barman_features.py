@@ -112,6 +112,16 @@ def test_an_incremental_backup_on_barman_3_10_is_a_422_not_a_202_that_barman_the
     assert spawned.calls == []
 
 
+def test_a_named_backup_with_wait_for_wals_on_barman_3_4_is_a_422_as_barman_would_lose_the_name(
+        client, barman_version, spawned):
+    barman_version("3.4.0")
+    response = client.post("/servers/pg/operations", json={"type": "backup", "name": "n", "wait_for_wals": True})
+    assert response.status_code == 422
+    assert response.json["error"].endswith("needs Barman >= 3.5; this host has 3.4.0")
+    assert client.post("/servers/pg/operations", json={"type": "backup", "name": "n"}).status_code == 202
+    barman_features.from_version("3.5.0").require_for_request("backup", {"name": "n", "wait_for_wals": True})
+
+
 @pytest.mark.parametrize("path, body", [
     ("/servers/pg/operations", {"type": "config_switch", "reset": True}),
     ("/operations", {"type": "config_update", "changes": [{"scope": "server", "server_name": "pg",
@@ -149,7 +159,7 @@ def test_get_servers_names_the_barman_version_and_what_it_lacks(client, barman_v
 def test_metrics_have_a_barman_info_gauge_with_the_version(client, barman_version):
     barman_version("3.4.0")
     text = client.get("/metrics").get_data(as_text=True)
-    assert ('pgba_barman_info{lacks="config_switch,config_update,incremental,auto,staging_wal_directory",'
+    assert ('pgba_barman_info{lacks="named_wait,config_switch,config_update,incremental,auto,staging_wal_directory",'
             'version="3.4.0"} 1.0') in text
 
 
