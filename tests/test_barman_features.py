@@ -243,3 +243,27 @@ def test_the_worker_refuses_a_barman_below_the_supported_range_with_one_line(tmp
                           env={"PG_BACKUP_API_BARMAN_CONF": str(tmp_path / "none.conf"), "PATH": "/usr/bin:/bin"})
     assert done.returncode == 1
     assert done.stderr.strip().splitlines() == ["pg-backup-api needs Barman >= 3.4, < 4; this host has Barman 3.3.0"]
+
+
+def test_barman_3_4s_configuration_loads_without_load_config_file_as_its_cli_loads_it(barman_files, monkeypatch):
+    from barman.config import Config
+
+    from pg_backup_api import barman_config
+
+    # As Barman < 3.10: no load_config_file, no `.barman.auto.conf`; the directory is read in one call.
+    monkeypatch.delattr(Config, "load_config_file")
+    monkeypatch.setattr(Config, "load_configuration_files_directory",
+                        lambda self: [self._config.read(f) for f in barman_config.conf_dir_files(self)])
+    config = barman_adapter.load_config(str(barman_files.conf))
+    assert config.server_names == ["pg"]
+    assert config.model_names == []
+
+
+def test_a_barman_without_a_change_queue_reports_none_on_servers_metrics_and_doctor(client, app, monkeypatch):
+    from pg_backup_api import barman_config, doctor
+
+    monkeypatch.setattr(barman_config, "has_change_queue", lambda config: False, raising=False)  # Barman < 3.10
+    assert client.get("/servers").json["config_changes_queue"] == {"path": None, "pending": 0, "stuck": False}
+    assert client.get("/metrics").status_code == 200
+    findings = {f.check: f for f in doctor.run(app.extensions["pg_backup_api"])}
+    assert findings["config-changes-queue"].ok

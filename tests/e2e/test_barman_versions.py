@@ -11,6 +11,7 @@ to that file (the README's table is made from it).
 from __future__ import annotations
 
 import os
+import pwd
 import subprocess
 import threading
 import time
@@ -204,6 +205,9 @@ def test_a_config_update_is_applied_or_refused_with_the_version_it_needs(stack):
         stack.record("config_update", "422")
         stack.record("config_switch", "422")
         return
+    user = pwd.getpwnam(stack.sandbox["BARMAN_USER"])
+    server_conf = Path(stack.sandbox["BARMAN_CONF"]).parent / "barman.d" / f"{stack.server}.conf"
+    os.chown(server_conf, user.pw_uid, user.pw_gid)  # barman rewrites the file that holds the key
     response = stack.post(body, "/operations")
     assert response.status_code == 202, response.text
     op_id = response.json()["operation_id"]
