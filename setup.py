@@ -10,7 +10,7 @@ setup(
     packages=find_packages(include=["pg_backup_api", "pg_backup_api.*"]),
     package_data={"pg_backup_api": ["openapi.json", "templates/*.html", "static/*"]},
     python_requires=">=3.9",
-    install_requires=["flask>=2.2", "requests>=2.28", "barman>=3.0", "jsonschema>=4.17", "prometheus_client>=0.17",
+    install_requires=["flask>=2.2", "requests>=2.28", "barman>=3.4,<4", "jsonschema>=4.17", "prometheus_client>=0.17",
                       # The operation index asks the kernel which job files appeared (Linux only).
                       "inotify_simple>=1.3; sys_platform == 'linux'"],
     entry_points={"console_scripts": ["pg-backup-api = pg_backup_api.cli:main"]},

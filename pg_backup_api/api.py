@@ -9,7 +9,7 @@ from typing import Any, Optional, Tuple
 from flask import Blueprint, Flask, Response, current_app, g, jsonify, request, url_for
 from werkzeug.exceptions import HTTPException
 
-from pg_backup_api import audit, auth, schema
+from pg_backup_api import audit, auth
 from pg_backup_api.errors import ApiError, InvalidRequest, TooBusy
 from pg_backup_api.operations import now_utc, timestamp
 from pg_backup_api.service import Service
@@ -120,7 +120,7 @@ def status() -> Response:
 
 @bp.get("/openapi.json")
 def openapi() -> Response:
-    return jsonify(schema.document())
+    return jsonify(_service().discovery.openapi_document())
 
 
 @bp.get("/diagnose")
@@ -132,7 +132,8 @@ def diagnose() -> Response:
 def list_servers() -> Response:
     service = _service()
     return jsonify({"servers": service.discovery.list_servers(),
-                    "config_changes_queue": service.discovery.config_changes_queue()})
+                    "config_changes_queue": service.discovery.config_changes_queue(),
+                    "barman": service.discovery.barman()})
 
 
 @bp.get("/servers/<server_name>")

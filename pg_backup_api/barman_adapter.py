@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import os
@@ -9,16 +10,17 @@ import re
 import subprocess
 from dataclasses import dataclass, field
 from datetime import datetime
+from functools import lru_cache
 from glob import glob
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import barman
 from barman.config import Config
 from barman.infofile import BackupInfo
 
-from pg_backup_api import barman_config
-from pg_backup_api.barman_cli import BARMAN_VERSION, barman_executable, errors_in
+from pg_backup_api import barman_config, barman_features
+from pg_backup_api.barman_cli import barman_executable, errors_in
 from pg_backup_api.errors import (
     BarmanNoDocument,
     BarmanUnavailable,
@@ -72,7 +74,7 @@ class BarmanConfig:
 
     @property
     def model_names(self) -> List[str]:
-        return sorted(self.config.model_names())
+        return barman_config.model_names(self.config)
 
     def server(self, name: str) -> Any:
         """The ServerConfig of *name*, or NoSuchServer."""
@@ -167,6 +169,39 @@ class ConfigSource:
             log.info("Barman configuration '%s' changed: reloaded", self.path)
         self._loaded_once = True
         return loaded
+
+
+def _has(dotted: str) -> bool:
+    """Whether Barman's Python API has *dotted* (`barman.server.Server.get_last_backup_id`)."""
+    parts = dotted.split(".")
+    for split in range(len(parts), 0, -1):
+        try:
+            found: Any = importlib.import_module(".".join(parts[:split]))
+        except ImportError:
+            continue
+        for name in parts[split:]:
+            if not hasattr(found, name):
+                return False
+            found = getattr(found, name)
+        return True
+    return False
+
+
+@lru_cache(maxsize=1)
+def features() -> barman_features.BarmanFeatures:
+    """The running Barman's features: its version, and Barman's API probed where a feature lives in it."""
+    return barman_features.from_version(barman.__version__,
+                                        {f.key: _has(f.probe) for f in barman_features.FEATURES if f.probe})
+
+
+def check_supported() -> None:
+    """Raise UnsupportedBarman (one line) for a Barman outside the range the service supports."""
+    barman_features.check_supported()
+
+
+def check_request(op_type: str, fields: Mapping[str, Any]) -> None:
+    """Refuse (422, naming the feature and the Barman it needs) what the running Barman cannot do."""
+    features().require_for_request(op_type, fields)
 
 
 def _server(server_config: Any) -> Any:
@@ -272,9 +307,11 @@ def _lookup(server: Any, backups: Dict[str, Any], requested: str, target_time: O
     if requested in OLDEST:
         return server.get_first_backup_id()
     if requested in LATEST_FULL:
-        return server.get_last_full_backup_id()
+        return _last_full(backups)
     if requested in LAST_FAILED:
         return server.get_last_backup_id([BackupInfo.FAILED])
+    if requested == AUTO and (target_time or target_lsn):
+        features().require("auto")
     if requested == AUTO and target_time:
         return server.get_closest_backup_id_from_target_time(target_time, None)
     if requested == AUTO and target_lsn:
@@ -283,6 +320,23 @@ def _lookup(server: Any, backups: Dict[str, Any], requested: str, target_time: O
         return requested
     named = [b.backup_id for b in backups.values() if getattr(b, "backup_name", None) == requested]
     return named[0] if len(named) == 1 else None
+
+
+def _is_full(info: Any) -> bool:
+    """Not incremental, not a snapshot: Barman >= 3.13.1's `is_full`, which older ones lack or apply otherwise."""
+    if getattr(info, "backup_type", None) in ("incremental", "snapshot"):
+        return False
+    return not getattr(info, "snapshots_info", None)  # Barman < 3.11 has snapshots, but no backup_type
+
+
+def _last_full(backups: Dict[str, Any]) -> Optional[str]:
+    """`latest-full` as Barman >= 3.13.1 reads it, on every Barman: the newest recoverable full backup.
+
+    Barman 3.11 to 3.13.0 count only a full backup that can parent an incremental one (and older ones
+    have no such alias): the id is resolved here and barman is given the id, so every version agrees.
+    """
+    full = [i for i, b in backups.items() if b.status in RECOVERABLE and _is_full(b)]
+    return max(full) if full else None
 
 
 def resolve_backup(server_config: Any, requested: str, target_time: Optional[str] = None,
@@ -334,12 +388,6 @@ def remote_staging_path(server_config: Any, backup: Backup) -> Optional[str]:
     if not backup.needs_staging or getattr(server_config, "staging_location", None) != "remote":
         return None
     return getattr(server_config, "staging_path", None) or None
-
-
-def check_version(feature: str, minimum: Tuple[int, ...]) -> None:
-    if BARMAN_VERSION < minimum:
-        raise InvalidRequest(f"{feature} needs Barman >= {'.'.join(map(str, minimum))}; "
-                             f"this host has Barman {barman.__version__}")
 
 
 def barman_json(config_path: str, *args: str, timeout: float = 120, json_format: bool = True) -> Any:

@@ -2,8 +2,8 @@
 
 Kept apart from barman_adapter, which imports Barman's Python API: a worker only builds one of these
 and runs it, and importing Barman's configuration and catalogue code would cost each recovery
-about 35 ms before barman even starts. Only Barman's version is read here (`import barman`
-alone is its version).
+about 35 ms before barman even starts. Only Barman's version is read here (barman_features: `import
+barman` alone is its version).
 """
 
 from __future__ import annotations
@@ -14,15 +14,12 @@ import re
 import shutil
 import sys
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional
 
-import barman
+from pg_backup_api import barman_features
 
-BARMAN_VERSION: Tuple[int, ...] = tuple(
-    int(p) for p in barman.__version__.split(".")[:3] if p.isdigit()
-)
 # Barman 3.12 renamed `recover` to `restore` and keeps `recover` as an alias.
-RESTORE_COMMAND = "restore" if BARMAN_VERSION >= (3, 12) else "recover"
+RESTORE_COMMAND = "restore" if barman_features.running().has("restore_command") else "recover"
 
 # Names the barman executable to run instead of the one found: for tests that run the real worker
 # with a stand-in barman. Only whoever sets the service's environment can set it, and they choose

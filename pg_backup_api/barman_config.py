@@ -22,19 +22,12 @@ import time
 from dataclasses import dataclass
 from glob import iglob
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Tuple
 
-from barman.config import (
-    FORBIDDEN_SERVER_NAMES,
-    Config,
-    ConfigChange,
-    ConfigChangeSet,
-    ConfigChangeSetEncoder,
-    CsvOption,
-    ModelConfig,
-    ServerConfig,
-)
-from barman.utils import edit_config
+from barman.config import FORBIDDEN_SERVER_NAMES, Config, CsvOption, ServerConfig
+
+if TYPE_CHECKING:
+    from barman.config import ConfigChangeSet
 
 from pg_backup_api.errors import Conflict, InvalidRequest, Unprocessable
 
@@ -65,6 +58,11 @@ def read_config(path: str, conf_files: Optional[List[str]] = None, autoconf: Opt
     `.barman.auto.conf`, every section parsed (models applied). *conf_files*/*autoconf* replace the
     real ones (a scratch copy). Raises what Barman raises (SystemExit included)."""
     config = Config(path)
+    if not hasattr(config, "load_config_file"):
+        # Barman < 3.10 loads the directory in one call and has no `.barman.auto.conf`.
+        config.load_configuration_files_directory()
+        config.server_names()
+        return config
     for name in conf_files if conf_files is not None else conf_dir_files(config):
         config.load_config_file(name)
     auto = autoconf if autoconf is not None else autoconf_path(config)
@@ -76,7 +74,19 @@ def read_config(path: str, conf_files: Optional[List[str]] = None, autoconf: Opt
 
 def extra_files(config: Config) -> Tuple[str, ...]:
     """Files beside the main one whose change changes the configuration."""
+    if not has_change_queue(config):  # Barman < 3.10 reads no `.barman.auto.conf`
+        return ()
     return (os.path.expanduser(autoconf_path(config)),)
+
+
+def has_change_queue(config: Config) -> bool:
+    """Barman >= 3.10: configuration models, `.barman.auto.conf` and the queue of configuration changes."""
+    return hasattr(config, "config_changes_queue")
+
+
+def model_names(config: Config) -> List[str]:
+    """The configuration's models (Barman < 3.10 has none)."""
+    return sorted(config.model_names()) if hasattr(config, "model_names") else []
 
 
 def probe_files(path: str) -> Tuple[Optional[str], Tuple[str, ...]]:
@@ -220,12 +230,17 @@ def prove_switch(config: Config, server: str, model: Optional[str]) -> None:
 
 # -- Barman's queue of configuration changes -------------------------------------------------
 
-def queue_path(config: Config) -> str:
-    return config.config_changes_queue
+def queue_path(config: Config) -> Optional[str]:
+    """Where Barman keeps its queue of configuration changes; None before Barman 3.10, which has none."""
+    return config.config_changes_queue if has_change_queue(config) else None
 
 
-def read_queue(path: str) -> List[ConfigChangeSet]:
+def read_queue(path: Optional[str]) -> List[ConfigChangeSet]:
     """The pending change sets, as ConfigChangesQueue.read_file reads them (malformed means empty)."""
+    if path is None:
+        return []
+    from barman.config import ConfigChangeSet  # Barman >= 3.10
+
     try:
         with open(path) as queue:
             entries = json.load(queue, object_hook=ConfigChangeSet.from_dict)
@@ -239,6 +254,8 @@ def read_queue(path: str) -> List[ConfigChangeSet]:
 def queue_state(config: Config, running: bool) -> Dict[str, Any]:
     """How many change sets wait in Barman's queue; stuck when some wait and no config_update runs."""
     path = queue_path(config)
+    if path is None:
+        return {"path": None, "pending": 0, "stuck": False}
     try:
         pending = len(read_queue(path))
     except OSError as exc:
@@ -250,7 +267,7 @@ def queue_state(config: Config, running: bool) -> Dict[str, Any]:
 class QueueSnapshot:
     """Barman's change queue as it was before a config_update, to put back if Barman fails."""
 
-    path: str
+    path: Optional[str]  # None: this Barman has no queue
     content: Optional[bytes]  # None: there was no queue file
     lock_directory: str
 
@@ -258,12 +275,14 @@ class QueueSnapshot:
     def take(cls, config: Config) -> "QueueSnapshot":
         path = queue_path(config)
         try:
-            content: Optional[bytes] = Path(path).read_bytes()
+            content: Optional[bytes] = Path(path).read_bytes() if path is not None else None
         except FileNotFoundError:
             content = None
         return cls(path, content, config.barman_lock_directory)
 
     def current(self) -> Optional[bytes]:
+        if self.path is None:
+            return None
         try:
             return Path(self.path).read_bytes()
         except FileNotFoundError:
@@ -271,6 +290,8 @@ class QueueSnapshot:
 
     def restore(self) -> bool:
         """Put the queue back as it was, under Barman's config-update lock; False if it was unchanged."""
+        if self.path is None:
+            return False
         with _config_update_lock(self.lock_directory):
             if self.current() == self.content:
                 return False
@@ -353,10 +374,12 @@ def _items(config: Config, changes: List[Dict[str, Any]]) -> List[Item]:
         if section in RESERVED_SECTIONS:
             raise InvalidRequest(f"field '{where}': '{section}' is reserved by Barman (the global section or "
                                  "a reserved word), not a server or a model")
-        known = config.server_names() if scope == "server" else config.model_names()
+        known = config.server_names() if scope == "server" else model_names(config)
         if section not in known:
             raise InvalidRequest(f"field '{where}': '{section}' is not a {scope} of the Barman configuration "
                                  f"({scope}s: {', '.join(sorted(known)) or 'none'})")
+        from barman.config import ModelConfig  # Barman >= 3.10, as config_update is
+
         keys = ServerConfig.KEYS if scope == "server" else ModelConfig.KEYS
         parsers = ServerConfig.PARSERS if scope == "server" else ModelConfig.PARSERS
         for key, raw in change.items():
@@ -406,6 +429,8 @@ class _Scratch:
 def _attempt(root: str, config: Config, change_sets: List[ConfigChangeSet]) -> Tuple[Optional[Config], str]:
     """Apply *change_sets* to a fresh scratch copy as ConfigChangesProcessor.apply_change does, then
     load it: the loaded copy, or None and why Barman would fail."""
+    from barman.utils import edit_config  # Barman >= 3.10, as config_update is
+
     scratch = _Scratch(tempfile.mkdtemp(dir=root), config)
     try:
         for change_set in change_sets:
@@ -425,6 +450,8 @@ def _attempt(root: str, config: Config, change_sets: List[ConfigChangeSet]) -> T
 
 
 def _change_sets(items: List[Item]) -> List[ConfigChangeSet]:
+    from barman.config import ConfigChange, ConfigChangeSet
+
     return [ConfigChangeSet(i.section, [ConfigChange(i.key, i.value, i.config_file)]) for i in items]
 
 
@@ -548,8 +575,12 @@ def _hint(value: str, why: str) -> str:
     return why
 
 
-def describe_queue(path: str) -> str:
+def describe_queue(path: Optional[str]) -> str:
     """The pending change sets, one line each, for people."""
+    if path is None:
+        return ""
+    from barman.config import ConfigChangeSet, ConfigChangeSetEncoder
+
     lines = []
     for change_set in read_queue(path):
         if isinstance(change_set, ConfigChangeSet):

@@ -40,10 +40,15 @@ def _status(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _worker(args: argparse.Namespace, settings: Settings) -> int:
+    from pg_backup_api import barman_features
     from pg_backup_api.claims import Claims
     from pg_backup_api.operations import OperationType
     from pg_backup_api.runner import HostSlots, barman_home, run_operation
 
+    try:
+        barman_features.check_supported()
+    except barman_features.UnsupportedBarman as exc:
+        raise SystemExit(str(exc)) from None
     op_type = OperationType(args.operation_type)
     slots = None
     if op_type is OperationType.RECOVERY:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Dict, List
 
-from pg_backup_api import barman_adapter, claims
+from pg_backup_api import barman_adapter, claims, schema
 from pg_backup_api.settings import Settings
 from pg_backup_api.single_flight import SingleFlight
 
@@ -31,6 +31,15 @@ class Discovery:
         path = self.config_source.get().path
         return self._reads.run("diagnose", "barman diagnose",
                                lambda: barman_adapter.diagnose(path, self.settings.check_timeout))
+
+    def barman(self) -> Dict[str, Any]:
+        """The running Barman's version and the features of the API it lacks (with the version each needs)."""
+        return barman_adapter.features().summary()
+
+    def openapi_document(self) -> Dict[str, Any]:
+        """/openapi.json as this host serves it: what its Barman lacks is marked so."""
+        features = barman_adapter.features()
+        return schema.host_document(features.version_text, features.refusals())
 
     def list_servers(self) -> List[Dict[str, Any]]:
         config = self.config_source.get()

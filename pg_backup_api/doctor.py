@@ -37,9 +37,18 @@ def check_barman_configuration(service: Service, fix: bool = False) -> List[Find
     return [Finding("barman-config", True, f"{config.path} loads as `barman` reads it ({counts})")]
 
 
+def check_barman_version(service: Service, fix: bool = False) -> List[Finding]:
+    barman = service.discovery.barman()
+    lacks = "; ".join(f"{f['what']} (needs Barman >= {f['needs']})" for f in barman["lacks"])
+    return [Finding("barman-version", True, f"Barman {barman['version']}" + (f" lacks: {lacks}" if lacks else
+                                                                           ": every feature of the API"))]
+
+
 def check_config_changes_queue(service: Service, fix: bool = False) -> List[Finding]:
     queue = service.discovery.config_changes_queue()
     path = queue["path"]
+    if path is None:
+        return [Finding("config-changes-queue", True, "this Barman has no configuration change queue")]
     if queue.get("error"):
         return [Finding("config-changes-queue", False, f"{path} cannot be read: {queue['error']}")]
     if not queue["pending"]:
@@ -140,6 +149,7 @@ def check_state_files(service: Service, fix: bool = False) -> List[Finding]:
 
 
 CHECKS: List[Tuple[str, Check]] = [
+    ("barman-version", check_barman_version),
     ("barman-config", check_barman_configuration),
     ("config-changes-queue", check_config_changes_queue),
     ("state-files", check_state_files),

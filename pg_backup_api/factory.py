@@ -24,13 +24,17 @@ def create_app(settings: Optional["Settings"] = None, spawn: Optional["Spawn"] =
     # this package too, and each recovery would pay for Flask's import otherwise.
     from flask import Flask
 
-    from pg_backup_api import barman_adapter, observe
+    from pg_backup_api import barman_adapter, barman_features, observe
     from pg_backup_api.api import bp, register_error_handlers
     from pg_backup_api.errors import ApiError
     from pg_backup_api.runner import spawn_worker
     from pg_backup_api.service import Service
     from pg_backup_api.settings import Settings
 
+    try:
+        barman_adapter.check_supported()
+    except barman_features.UnsupportedBarman as exc:
+        raise SystemExit(str(exc)) from None
     settings = settings or Settings.from_env()
     app = Flask("pg_backup_api")
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes

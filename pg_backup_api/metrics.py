@@ -276,6 +276,14 @@ class Metrics:
         yield from self._barman(config, now)
         yield from self._operations_metrics([None, *config.server_names])
         yield from self._config_changes()
+        yield from self._barman_info()
+
+    def _barman_info(self) -> Iterable[Metric]:
+        barman = self.service.discovery.barman()
+        info = GaugeMetricFamily("pgba_barman_info", "The Barman this host runs (always 1); `lacks` lists the API's "
+                                 "features it lacks", labels=["version", "lacks"])
+        info.add_metric([barman["version"], ",".join(f["feature"] for f in barman["lacks"])], 1)
+        yield info
 
     # -- the exporter's metrics ----------------------------------------------------------------
 

@@ -121,7 +121,7 @@ def ui_view() -> str:
         return render_template("operation.html", server=server, op=service.get_operation(server, operation))
     if server is not None:
         return render_template("server.html", **server_view(service, server))
-    return render_template("servers.html", servers=servers_view(service))
+    return render_template("servers.html", servers=servers_view(service), barman=service.discovery.barman())
 
 
 def _age(now: float, moment: Optional[float]) -> Optional[float]:

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import re
 from datetime import datetime, timezone
 from functools import cache, lru_cache
 from importlib import resources
-from typing import Any, Dict, Iterator
+from typing import Any, Dict, Iterator, Tuple
 
 from jsonschema import Draft202012Validator, FormatChecker, validators
 from jsonschema.exceptions import ValidationError
@@ -59,6 +60,30 @@ def parse_offset_time(field: str, value: Any) -> datetime:
 @lru_cache(maxsize=1)
 def document() -> Dict[str, Any]:
     return json.loads(resources.files("pg_backup_api").joinpath("openapi.json").read_text())
+
+
+@lru_cache(maxsize=4)
+def host_document(barman_version: str, refusals: Tuple[Tuple[str, str], ...]) -> Dict[str, Any]:
+    """The shipped document as a host with *barman_version* serves it: `info.x-barman-version`, and each
+    part marked `x-barman-requires` a feature of *refusals* (feature, why it is refused) says so."""
+    found = copy.deepcopy(document())
+    found["info"]["x-barman-version"] = barman_version
+    refused = dict(refusals)
+
+    def mark(node: Any) -> None:
+        if isinstance(node, dict):
+            notes = [refused[k] for k in node.get("x-barman-requires", {}) if k in refused]
+            if notes:
+                node["description"] = " ".join([node.get("description", ""), "Not on this host:",
+                                                "; ".join(notes) + "."]).strip()
+            for value in node.values():
+                mark(value)
+        elif isinstance(node, list):
+            for value in node:
+                mark(value)
+
+    mark(found)
+    return found
 
 
 @cache

@@ -250,6 +250,7 @@ class Service:
         if requester:
             fields["requested_by"] = requester
         config = self.config_source.get()
+        barman_adapter.check_request(op_type.value, fields)  # 422 for what this host's Barman lacks
         if op_type is OperationType.RECOVERY:
             # The schema checked the syntax; this server's ssh policy is checked here, before anything else.
             command = ssh_command.parse(fields["remote_ssh_command"], self.settings.ssh_options_for(server))
@@ -279,13 +280,11 @@ class Service:
                     config.server(server), fields["incremental"]).backup_id
             claim_key, busy = f"backup\0{server}", f"a backup of server '{server}' is already running"
         elif op_type is OperationType.CONFIG_SWITCH:
-            barman_adapter.check_version("config_switch", (3, 10))
             if fields.get("model_name") and fields["model_name"] not in config.model_names:
                 raise NoSuchModel(fields["model_name"], config.model_names)
             barman_adapter.prove_config_switch(config, server, fields.get("model_name"))
             claim_key, busy = f"config\0{server}", f"a configuration change of server '{server}' is running"
         else:
-            barman_adapter.check_version("config_update", (3, 10))
             claim_key, busy = claims.CONFIG_UPDATE_KEY, "a config_update is already running"
         if op_type is not OperationType.RECOVERY:
             self._check_effects(config, server, effects.effects_of(op_type, fields))

@@ -168,9 +168,10 @@ def proxy_secret(sandbox: Sandbox) -> Dict[str, Path]:
 class Service:
     """pg-backup-api run as the Barman user, the way it runs in production."""
 
-    def __init__(self, sandbox: Sandbox, extra_env: Optional[Dict[str, str]] = None) -> None:
+    def __init__(self, sandbox: Sandbox, extra_env: Optional[Dict[str, str]] = None, venv: Path = VENV) -> None:
         self.sandbox = sandbox
         self.extra_env = extra_env or {}
+        self.venv = venv
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = sandbox.directory / "log" / f"service-{self.port}.log"
@@ -179,10 +180,10 @@ class Service:
     def start(self) -> "Service":
         user = self.sandbox["BARMAN_USER"]
         argv = ["runuser", "-u", user, "--", "env", f"PG_BACKUP_API_BARMAN_CONF={self.sandbox['BARMAN_CONF']}",
-                f"PATH={VENV}/bin:/usr/bin:/bin", f"HOME={self.sandbox['BARMAN_HOME']}",
+                f"PATH={self.venv}/bin:/usr/bin:/bin", f"HOME={self.sandbox['BARMAN_HOME']}",
                 f"PG_BACKUP_API_PROXY_SECRET_FILE={proxy_secret(self.sandbox)['file']}",
                 *(f"{k}={v}" for k, v in self.extra_env.items()),
-                str(VENV / "bin" / "pg-backup-api"), "serve", "--port", str(self.port)]
+                str(self.venv / "bin" / "pg-backup-api"), "serve", "--port", str(self.port)]
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                                          start_new_session=True)
