@@ -59,6 +59,16 @@ def _apt_sources() -> List[Tuple[str, List[str]]]:
     return found
 
 
+def pip_trust() -> Tuple[List[str], List[str]]:
+    """(nspawn options, environment) that give pip in a root the certificate authorities pip trusts
+    here: where this machine's network re-signs TLS, the root's pip would otherwise refuse PyPI."""
+    for name in ("PIP_CERT", "REQUESTS_CA_BUNDLE", "SSL_CERT_FILE"):
+        bundle = os.environ.get(name, "")
+        if bundle and Path(bundle).is_file():
+            return [f"--bind-ro={bundle}:/etc/pip-ca-bundle.crt"], ["PIP_CERT=/etc/pip-ca-bundle.crt"]
+    return [], []
+
+
 def mirrors() -> Tuple[str, str]:
     """The Debian mirror and the security mirror this machine's apt uses (Debian's own by default)."""
     sources = _apt_sources()
