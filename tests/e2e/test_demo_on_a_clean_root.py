@@ -3,8 +3,8 @@ to the end with nothing installed beforehand (the root is debootstrap's minbase:
 PostgreSQL, no git); whatever the demo needs, scripts/bootstrap installs.
 
 The root shares this machine's network (its apt and pip reach the registries, pip trusting the
-certificate authorities it trusts here), so the demo's ports are free ones of this machine. It runs without systemd (the demo needs none), under a stub init
-that reaps the detached workers.
+certificate authorities it trusts here), so the demo's ports are free ones of this machine. It runs
+without systemd (the demo needs none), under a stub init that reaps the detached workers.
 """
 
 from __future__ import annotations
