@@ -110,12 +110,11 @@ class Root:
         self.machine: Optional[Machine] = None
         self._proc: Optional[subprocess.Popen] = None
 
-    def run(self, *argv: str, timeout: float = 900, setenv: Tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+    def run(self, *argv: str, timeout: float = 900) -> subprocess.CompletedProcess:
         """argv inside the root: through systemd-nspawn before the boot, in the booted system after."""
         if self.machine is not None:
             return self.machine.run(*CLEAN_ENV, *argv, timeout=timeout)
-        options = [f"--setenv={pair}" for pair in setenv]
-        return subprocess.run([*NSPAWN, f"--directory={self.path}", "--pipe", *options, "--", *CLEAN_ENV, *argv],
+        return subprocess.run([*NSPAWN, f"--directory={self.path}", "--pipe", "--", *CLEAN_ENV, *argv],
                               capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=timeout)
 
     def check(self, *argv: str, timeout: float = 900) -> str:

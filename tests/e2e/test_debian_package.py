@@ -28,7 +28,7 @@ pytestmark = pytest.mark.e2e
 
 SERVER = "pg"
 ROWS_QUERY = "SELECT count(*), md5(string_agg(label, ',' ORDER BY id)) FROM known_rows"
-DESTINATION = "/var/lib/postgresql/restored"
+DESTINATION = "/var/lib/postgresql/15/restored"  # a directory of its own: not a child of /var/lib/postgresql
 BARMAN_SERVER_CONF = f"""[{SERVER}]
 description = the root's own PostgreSQL 15 cluster
 conninfo = host=/var/run/postgresql user=barman dbname=postgres
@@ -166,7 +166,7 @@ def test_enable_now_serves_and_a_recovery_through_the_api_restores_the_rows(back
     assert started.returncode == 0, started.stderr + service_logs(box)
     assert box.check("systemctl", "show", "-P", "User", "pg-backup-api.service").strip() == "barman"
     code, body = box.http("GET", "/status")
-    assert (code, body) == (200, '"OK"'), body + service_logs(box)
+    assert (code, body.strip()) == (200, '"OK"'), body + service_logs(box)
     code, body = box.http("GET", "/servers")
     assert code == 200 and SERVER in body, body
 
@@ -182,7 +182,7 @@ def test_enable_now_serves_and_a_recovery_through_the_api_restores_the_rows(back
                        ("pg_hba.conf", "local all all peer\n"), ("pg_ident.conf", "")):
         box.check(*as_user("postgres", "sh", "-c", f"printf '%s' \"{text}\" > {DESTINATION}/{name}"))
     box.check(*as_user("postgres", "/usr/lib/postgresql/15/bin/pg_ctl", "-D", DESTINATION, "-w", "-t", "120",
-                       "-l", "/var/lib/postgresql/restored.log", "start"), timeout=180)
+                       "-l", "/var/lib/postgresql/15/restored.log", "start"), timeout=180)
     try:
         restored = box.check(*as_user("postgres", "psql", "-X", "-At", "-h", "/tmp", "-p", "5433",
                                       "-c", ROWS_QUERY)).strip()
