@@ -191,6 +191,16 @@ def test_enable_now_serves_and_a_recovery_through_the_api_restores_the_rows(back
     assert restored == backed_up and restored.startswith("100|")
 
 
+def test_an_upgrade_restarts_the_enabled_service(installed, deb):
+    box = installed
+    before = box.check("systemctl", "show", "-P", "MainPID", "pg-backup-api.service").strip()
+    assert box.check("systemctl", "is-enabled", "pg-backup-api.service").strip() == "enabled"
+    box.check("apt-get", "install", "-y", "-q", "--reinstall", f"/root/{deb.name}")
+    assert box.check("systemctl", "show", "-P", "MainPID", "pg-backup-api.service").strip() not in (before, "0")
+    code, body = box.http("GET", "/status")
+    assert (code, body.strip()) == (200, '"OK"'), body + service_logs(box)
+
+
 def test_remove_and_purge_leave_barman_its_configuration_and_its_home_untouched(backed_up, installed):
     box = installed
     box.check("systemctl", "stop", "pg-backup-api.service", "barman-cron.service")
@@ -199,10 +209,13 @@ def test_remove_and_purge_leave_barman_its_configuration_and_its_home_untouched(
     assert not (box.path / "usr/bin/pg-backup-api").exists()
     assert box.run("systemctl", "is-active", "pg-backup-api.service").stdout.strip() != "active"
     assert (box.path / "etc/pg-backup-api/gunicorn.conf.py").exists(), "remove keeps the conffiles"
+    assert (box.path / "var/log/barman/pg-backup-api.log").exists(), "and the logs"
     changed = differences(before, barmans_state(box))
     assert not changed, changed
     box.check("apt-get", "purge", "-y", "-q", "pg-backup-api")
     assert not (box.path / "etc/pg-backup-api").exists() and not (box.path / "etc/default/pg-backup-api").exists()
+    assert not (box.path / "var/log/barman/pg-backup-api.log").exists(), "purge deletes gunicorn's logs"
+    assert not (box.path / "var/cache/pg-backup-api").exists()
     changed = differences(before, barmans_state(box))
     assert not changed, changed
     assert box.check("dpkg-query", "-W", "-f", "${Status}", "barman") == "install ok installed"
