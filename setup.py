@@ -10,8 +10,11 @@ setup(
     packages=find_packages(include=["pg_backup_api", "pg_backup_api.*"]),
     package_data={"pg_backup_api": ["openapi.json", "templates/*.html", "static/*"]},
     python_requires=">=3.9",
-    install_requires=["flask>=2.2", "requests>=2.28", "barman>=3.4,<4", "jsonschema>=4.17", "prometheus_client>=0.17",
-                      # The operation index asks the kernel which job files appeared (Linux only).
+    # The minimums are what Debian 12 ships (python3-flask 2.2.2, python3-requests 2.28.1,
+    # python3-jsonschema 4.10.3, python3-prometheus-client 0.16.0): the Debian package uses those.
+    install_requires=["flask>=2.2", "requests>=2.28", "barman>=3.4,<4", "jsonschema>=4.10", "prometheus_client>=0.16",
+                      # The operation index asks the kernel which job files appeared (Linux only). Optional
+                      # in the code (watch.py lists jobs/ without it): Debian does not package it.
                       "inotify_simple>=1.3; sys_platform == 'linux'"],
     entry_points={"console_scripts": ["pg-backup-api = pg_backup_api.cli:main"]},
     classifiers=["Programming Language :: Python :: 3"],
