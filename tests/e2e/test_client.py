@@ -69,7 +69,8 @@ def test_a_failing_recover_wait_exits_1_with_barmans_error(sandbox, service):
 def test_wait_on_a_corrupt_operation_ends_with_the_reason(sandbox, service):
     """A corrupt operation's stream used to run on for ever, and `--wait` with it."""
     server = sandbox["BARMAN_SERVER"]
-    failed = recover(sandbox, service, sandbox.restore_dir("e2e-client-corrupt"), "ssh -p 1 postgres@127.0.0.1")
+    # A destination that holds a file: Barman refuses it, so the operation ends FAILED at once.
+    failed = recover(sandbox, service, str(sandbox.holding_files("e2e-client-corrupt")), sandbox["SSH_COMMAND"])
     assert failed.returncode == 1, failed.stdout + failed.stderr
     op_id = failed.stdout.splitlines()[0]
     output = Path(sandbox["BARMAN_HOME"]) / server / "output" / f"{op_id}.json"

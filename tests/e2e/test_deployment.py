@@ -572,12 +572,14 @@ def test_a_recovery_through_apache_records_the_verified_subject_and_gunicorn_ref
     server = sandbox["BARMAN_SERVER"]
     auth = {"cert": tls["patroni"], "verify": tls["verify"]}
     forged = {"X-Client-Cert-Subject": "CN=admin"}
-    body = {"type": "recovery", "backup_id": "latest", "remote_ssh_command": "ssh -p 1 postgres@127.0.0.1"}
+    # Destinations that hold a file: Barman refuses them, so each recovery ends at once, touching nothing.
+    body = {"type": "recovery", "backup_id": "latest", "remote_ssh_command": sandbox["SSH_COMMAND"]}
     through = requests.post(f"{apache['https-api']}/servers/{server}/operations", headers=forged, timeout=60,
-                            json={**body, "destination_directory": sandbox.restore_dir("subject-apache")}, **auth)
+                            json={**body, "destination_directory": str(sandbox.holding_files("subject-apache"))},
+                            **auth)
     assert through.status_code == 202, through.text
     local = requests.post(f"{api.url}/servers/{server}/operations", headers=forged, timeout=60,
-                          json={**body, "destination_directory": sandbox.restore_dir("subject-local")})
+                          json={**body, "destination_directory": str(sandbox.holding_files("subject-local"))})
     assert local.status_code == 202, local.text
     for response, expected in [(through, "cert:CN=patroni,O=pg-backup-api tests"), (local, None)]:
         op_id = response.json()["operation_id"]

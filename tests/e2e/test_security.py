@@ -88,11 +88,11 @@ def test_tokens_on_the_real_service(sandbox):
         service.stop()
 
 
-def post_unreachable_recovery(base_url: str, sandbox, name: str, headers: Dict[str, str], **kw: Any) -> str:
-    """A recovery to a port nothing listens on (it fails at once, touching nothing); its id."""
+def post_failing_recovery(base_url: str, sandbox, name: str, headers: Dict[str, str], **kw: Any) -> str:
+    """A recovery into a destination that holds a file (Barman refuses it at once, touching nothing); its id."""
     response = requests.post(f"{base_url}/servers/{sandbox['BARMAN_SERVER']}/operations", headers=headers, json={
-        "type": "recovery", "backup_id": "latest", "destination_directory": sandbox.restore_dir(name),
-        "remote_ssh_command": "ssh -p 1 postgres@127.0.0.1"}, timeout=60, **kw)
+        "type": "recovery", "backup_id": "latest", "destination_directory": str(sandbox.holding_files(name)),
+        "remote_ssh_command": sandbox["SSH_COMMAND"]}, timeout=60, **kw)
     assert response.status_code == 202, response.text
     return response.json()["operation_id"]
 
@@ -103,7 +103,7 @@ def test_a_forged_certificate_subject_from_loopback_is_not_recorded(sandbox, ser
     forged = [{"X-Client-Cert-Subject": "CN=admin\x1b]0;owned\x07"},
               {"X-Client-Cert-Subject": "CN=admin", "X-Pg-Backup-Api-Proxy-Secret": "pgba_guessed" * 4}]
     for n, headers in enumerate(forged):
-        op_id = post_unreachable_recovery(service.url, sandbox, f"forged-subject-{n}", headers)
+        op_id = post_failing_recovery(service.url, sandbox, f"forged-subject-{n}", headers)
         status = service.wait_until_ended(server, op_id)
         assert "requested_by" not in status, status
         job = json.loads((Path(sandbox["BARMAN_HOME"]) / server / "jobs" / f"{op_id}.json").read_text())
@@ -114,7 +114,7 @@ def test_a_forged_certificate_subject_from_loopback_is_not_recorded(sandbox, ser
 
 
 def test_a_recovery_through_apache_records_the_verified_subject(sandbox, service, apache_front: Front):
-    op_id = post_unreachable_recovery(apache_front.url, sandbox, "subject-front", {"X-Client-Cert-Subject": "CN=x"},
+    op_id = post_failing_recovery(apache_front.url, sandbox, "subject-front", {"X-Client-Cert-Subject": "CN=x"},
                                       **apache_front.auth)
     status = service.wait_until_ended(sandbox["BARMAN_SERVER"], op_id)
     assert status["requested_by"] == "cert:CN=patroni,O=pg-backup-api tests"

@@ -133,8 +133,8 @@ def test_head_and_early_disconnecting_followers_give_their_slots_back(sandbox, s
     """HEADs and clients that leave before reading, more of each than the service has slots: a follower
     still gets the whole stream afterwards (a HEAD used to keep its slot until a restart)."""
     failed = requests.post(f"{service.url}/servers/{sandbox['BARMAN_SERVER']}/operations", timeout=60, json={
-        "type": "recovery", "backup_id": "latest", "destination_directory": sandbox.restore_dir("stream-slots"),
-        "remote_ssh_command": "ssh -p 1 postgres@127.0.0.1"})  # nothing listens there: it ends at once
+        "type": "recovery", "backup_id": "latest", "destination_directory": str(sandbox.holding_files("stream-slots")),
+        "remote_ssh_command": sandbox["SSH_COMMAND"]})  # a destination that holds a file: it ends at once
     assert failed.status_code == 202, failed.text
     op_id = failed.json()["operation_id"]
     service.wait_until_ended(sandbox["BARMAN_SERVER"], op_id)
