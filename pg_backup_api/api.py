@@ -7,7 +7,7 @@ import logging
 from typing import Any, Optional, Tuple
 
 from flask import Blueprint, Flask, Response, current_app, g, jsonify, request, url_for
-from werkzeug.exceptions import HTTPException
+from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from pg_backup_api import audit, schema
 from pg_backup_api.errors import ApiError, InvalidRequest, TooBusy
@@ -45,6 +45,11 @@ def _json_body() -> Any:
     if not request.is_json:
         raise InvalidRequest("the request body must be JSON, sent with Content-Type: application/json")
     raw = request.get_data(cache=False)
+    limit = request.max_content_length
+    if (request.content_length is None and limit is not None and len(raw) >= limit
+            and request.environ["wsgi.input"].read(1)):
+        # A streamed (chunked) body is cut at the limit by werkzeug without a word: one more byte says it was longer.
+        raise RequestEntityTooLarge()
     if not raw.strip():
         raise InvalidRequest("the request body is empty: a JSON object is required")
     try:

@@ -80,7 +80,8 @@ def test_list_is_oldest_first_and_follows_files_added_and_removed(store):
     b = store.create({"operation_type": "config_switch", "start_time": NOW.isoformat()}, NOW)
     assert store.list() == [{"id": a, "type": "recovery"}, {"id": b, "type": "config_switch"}]
     os.unlink(store.job_path(a))
-    c = store.create({"operation_type": "recovery", "start_time": NOW.isoformat()}, datetime(2026, 11, 28, tzinfo=timezone.utc))
+    later = datetime(2026, 11, 28, tzinfo=timezone.utc)
+    c = store.create({"operation_type": "recovery", "start_time": later.isoformat()}, later)
     assert [o["id"] for o in store.list()] == [b, c]
 
 
