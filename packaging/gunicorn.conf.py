@@ -50,6 +50,12 @@ worker_class = "pg_backup_api.gunicorn_worker.HeadFirstWorker"
 worker_connections = 1000
 # How long an idle kept-alive connection stays open (gunicorn's default, stated).
 keepalive = 2
+# What Apache in front lets through (LimitRequestLine, LimitRequestFieldSize: 8190; LimitRequestFields:
+# 100, plus the 5 headers the vhost adds), so that Apache, with its JSON error bodies, is the one to refuse
+# an over-long request: gunicorn's own refusals are HTML pages.
+limit_request_line = 8190
+limit_request_field_size = 8190
+limit_request_fields = 120
 # An output stream (GET .../output?follow=1) holds a thread while its operation runs: the service
 # serves at most `max_streams` (12) per worker and answers 429 beyond, so 4 threads stay free for
 # every other request. Raise both together.
