@@ -108,6 +108,14 @@ def test_the_packaged_gunicorn_answers_status_with_500_half_sent_requests_open_a
     assert_status_answers(api.url)
 
 
+def test_the_packaged_gunicorn_closes_a_connection_whose_body_never_comes(api):  # noqa: F811
+    with socket.create_connection(("127.0.0.1", api.port), timeout=60) as sock:
+        sock.sendall(b"POST /servers/pg/operations HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: 100\r\n\r\n{")
+        assert_all_closed_by_the_server([sock])
+    assert_status_answers(api.url)
+
+
 def test_the_dev_server_answers_status_with_500_half_sent_requests_open_and_closes_them(sandbox):
     service = Service(sandbox).start()
     try:
