@@ -79,15 +79,21 @@ class OperationFacts:
         in_progress = 0
         types = {op["id"]: op["type"] for op in listed.listing.operations()}
         ends = store.index.ends([op_id for op_id in types if op_id not in running])
+        # The index shares one summary dict between equal ends: the rule runs once per distinct one.
+        seen: Dict[Tuple[int, int], Tuple[str, bool]] = {}
         for op_id, op_type in types.items():
             end = None if op_id in running else ends.get(op_id)
             if end is None and op_id not in running:
                 continue  # removed (pruned) meanwhile
             problem = listed.problems.get(op_id)
-            record = Record(op_id, {}, end.summary if end is not None else None, problem)
-            state = state_of(record).value
+            summary = end.summary if end is not None else None
+            key = (id(summary), id(problem))
+            if key not in seen:
+                record = Record(op_id, {}, summary, problem)
+                seen[key] = (state_of(record).value, status_of(record) is Status.IN_PROGRESS)
+            state, live = seen[key]
             counts[(op_type, state)] = counts.get((op_type, state), 0) + 1
-            in_progress += status_of(record) is Status.IN_PROGRESS
+            in_progress += live
             if end is not None and problem is None:
                 ended.append(Ended(op_type, state, end.duration))
         self._key = key
