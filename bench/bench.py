@@ -459,6 +459,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--compare", metavar="REV",
                         help="the index scenario also runs the package of git revision REV (extracted to the "
                              "temporary folder), on the same data, before this checkout's")
+    parser.add_argument("--slow-clients", action="store_true",
+                        help="instead: GET /status while 500 idle half-sent requests are held open, against gunicorn "
+                             "as packaged, through the Apache vhost (root) and against pg-backup-api serve "
+                             "(bench/slow_clients.py; with --quick fewer requests, no thresholds)")
     parser.add_argument("--runs", type=int, default=3, help="--restore: alternating runs of each way (default 3)")
     parser.add_argument("--burst", type=int, metavar="N",
                         help="with --restore, instead: N recoveries started at once to distinct directories, by hand, "
@@ -466,6 +470,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parser.parse_args(argv)
     if args.burst is not None and (not args.restore or args.quick or args.burst < 1):
         parser.error("--burst N (N >= 1) goes with --restore, not with --quick")
+    if args.slow_clients:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        import slow_clients
+
+        return slow_clients.main(requests=50 if args.quick else 300, quick=args.quick)
     if args.restore:
         sys.path.insert(0, str(Path(__file__).resolve().parent))
         if args.burst:

@@ -42,7 +42,20 @@ bind = [os.environ.get("PG_BACKUP_API_BIND", "127.0.0.1:7480")]
 workers = _positive_int("PG_BACKUP_API_WORKERS", 2)
 # Threads: a slow request (GET /diagnose runs `barman diagnose`, several seconds) does not hold
 # up /status or a client polling its operation.
-worker_class = "gthread"
+# gthread, but with each request head read by the worker's main loop, not by a thread: a client that
+# sends half a request (or nothing) holds no thread, and is closed after 10 s (pg_backup_api/gunicorn_worker.py).
+worker_class = "pg_backup_api.gunicorn_worker.HeadFirstWorker"
+# Connections one worker holds at once (waiting heads and kept-alive ones included); the worker raises
+# its limit of open files to fit them.
+worker_connections = 1000
+# How long an idle kept-alive connection stays open (gunicorn's default, stated).
+keepalive = 2
+# What Apache in front lets through (LimitRequestLine, LimitRequestFieldSize: 8190; LimitRequestFields:
+# 100, plus the 5 headers the vhost adds), so that Apache, with its JSON error bodies, is the one to refuse
+# an over-long request: gunicorn's own refusals are HTML pages.
+limit_request_line = 8190
+limit_request_field_size = 8190
+limit_request_fields = 120
 # An output stream (GET .../output?follow=1) holds a thread while its operation runs: the service
 # serves at most `max_streams` (12) per worker and answers 429 beyond, so 4 threads stay free for
 # every other request. Raise both together.

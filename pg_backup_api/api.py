@@ -7,7 +7,7 @@ import logging
 from typing import Any, Optional, Tuple
 
 from flask import Blueprint, Flask, Response, current_app, g, jsonify, request, url_for
-from werkzeug.exceptions import HTTPException
+from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from pg_backup_api import audit, auth
 from pg_backup_api.errors import ApiError, InvalidRequest, TooBusy
@@ -56,7 +56,17 @@ def _requester() -> Optional[str]:
 def _json_body() -> Any:
     if not request.is_json:
         raise InvalidRequest("the request body must be JSON, sent with Content-Type: application/json")
-    raw = request.get_data(cache=False)
+    limit = request.max_content_length
+    try:
+        raw = request.get_data(cache=False)
+        if (request.content_length is None and limit is not None and len(raw) >= limit
+                and request.environ["wsgi.input"].read(1)):
+            # werkzeug cuts a streamed (chunked) body at the limit without a word: one more byte says it was longer.
+            raise RequestEntityTooLarge()
+    except HTTPException:
+        raise
+    except Exception as exc:  # the WSGI server refuses a body it cannot read (gunicorn: a malformed chunk)
+        raise InvalidRequest(f"the request body cannot be read: {str(exc)[:200]}") from None
     if not raw.strip():
         raise InvalidRequest("the request body is empty: a JSON object is required")
     try:

@@ -12,13 +12,12 @@ from pg_backup_api.settings import DEFAULT_PORT, LOOPBACK, Settings, setup_loggi
 
 
 def _serve(args: argparse.Namespace, settings: Settings) -> int:
-    from werkzeug.serving import run_simple
-
+    from pg_backup_api import serving
     from pg_backup_api.factory import create_app, with_status_shortcut
 
     app = with_status_shortcut(create_app(settings))
     # Loopback only: the service has no authentication of its own, a reverse proxy does that.
-    run_simple(LOOPBACK, args.port, app, threaded=True, use_reloader=False)
+    serving.serve(LOOPBACK, args.port, app)
     return 0
 
 

@@ -13,7 +13,7 @@ from pg_backup_api.errors import ApiError, CorruptState
 from pg_backup_api.ids import is_valid_id
 from pg_backup_api.operations import now_utc
 from pg_backup_api.service import Service, worker_identity
-from pg_backup_api.store import OperationStore, read_state_file
+from pg_backup_api.store import OperationStore, read_job_file, read_state_file
 
 # Where `doctor --fix` moves unreadable state files, under Barman's home: jobs/quarantine/<server>/.
 QUARANTINE_DIR = "quarantine"
@@ -81,6 +81,8 @@ def _problem(store: OperationStore, op_id: str, path: Path) -> Optional[str]:
     try:
         if path.name.endswith(".worker"):
             worker_identity(store, op_id)
+        elif path.parent == store.jobs_dir:
+            read_job_file(path)
         else:
             read_state_file(path)
     except CorruptState as exc:

@@ -116,6 +116,11 @@ class Listing:
         self._body: Optional[bytes] = None
         self._lock = threading.Lock()
 
+    @property
+    def corrupt(self) -> FrozenSet[str]:
+        """The ids whose job file cannot be read."""
+        return self._corrupt
+
     def operations(self) -> List[Dict[str, str]]:
         """[{"id", "type"}] oldest first; `"state": "corrupt"` when the job file cannot be read. Not to be changed."""
         if self._operations is None:
@@ -195,10 +200,11 @@ class OperationIndex:
     """The operations of one jobs/ and output/ pair, kept up to date by reading only what changed."""
 
     def __init__(self, jobs_dir: Path, output_dir: Path, read: ReadState, settle: Optional[int] = None,
-                 use_watch: Optional[bool] = None) -> None:
+                 use_watch: Optional[bool] = None, read_job: Optional[ReadState] = None) -> None:
         self.jobs_dir = jobs_dir
         self.output_dir = output_dir
         self._read = read
+        self._read_job = read_job or read  # a job file's reader may also refuse one that makes no sense
         self._settle = settle  # found on first use: a worker that never lists never reads the mount table
         self._use_watch = use_watch  # None: watch jobs/ when it is on a local file system
         self._watch: Optional[watch.FolderWatch] = None
@@ -361,7 +367,7 @@ class OperationIndex:
     def _read_type(self, op_id: str) -> Optional[str]:
         """The job's type; _CORRUPT when its file cannot be read; None when it is gone."""
         try:
-            job = self._read(self.jobs_dir / f"{op_id}.json")
+            job = self._read_job(self.jobs_dir / f"{op_id}.json")
         except CorruptState as exc:
             log.error("operation %s is corrupt: %s", op_id, exc.message)
             return _CORRUPT
@@ -415,7 +421,7 @@ class OperationIndex:
         return self.jobs_dir / ENDS_FOLDER / ENDS_FILE
 
     def ends(self, op_ids: Collection[str]) -> Dict[str, End]:
-        """How those of *op_ids* that ended ended (unreadable ones left out), for /metrics.
+        """How those of *op_ids* that ended ended (CORRUPT_END when the output file is unreadable), for /metrics.
 
         Reading every output file again in each new process would make its first scrape slow (0.5 s
         at 10,000 operations): the first call in a process takes in what earlier ones kept in
@@ -430,11 +436,11 @@ class OperationIndex:
         for op_id in op_ids:
             known = op_id in self._ends
             end = self.end(op_id)
-            if end is not None and end is not CORRUPT_END:
+            if end is not None:
                 found[op_id] = end
-                read += not known
-        if read:
-            self._keep(found)
+                read += not known and end is not CORRUPT_END
+        if read:  # a corrupt end is not kept: the operator may repair the file
+            self._keep({op_id: end for op_id, end in found.items() if end is not CORRUPT_END})
         return found
 
     def _take_kept(self, op_ids: Collection[str]) -> None:

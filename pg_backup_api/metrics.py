@@ -29,8 +29,9 @@ from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily, Met
 
 from pg_backup_api import barman_adapter
 from pg_backup_api.errors import ApiError
-from pg_backup_api.operations import State, ended_state
-from pg_backup_api.store import OperationStore, write_json_atomic
+from pg_backup_api.operations import State, Status, state_of, status_of
+from pg_backup_api.service import Listed
+from pg_backup_api.store import OperationStore, Record, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -57,33 +58,46 @@ class OperationFacts:
     """The operation counts and durations of one store, worked out again only when its listing changes.
 
     How each operation ended comes from the store's index (`OperationIndex.ends`), which reads each
-    output file once and keeps what it read for the next process."""
+    output file once and keeps what it read for the next process; each is counted in the state its
+    status shows (operations.state_of), so a corrupt one is `corrupt`, not running."""
 
     def __init__(self) -> None:
         self._key: Tuple[Any, ...] = ()
         self._result: Tuple[Dict[Tuple[str, str], int], List[Ended], int] = ({}, [], 0)
 
-    def read(self, store: OperationStore, listing: List[Dict[str, str]], pending: List[str]
-             ) -> Tuple[Dict[Tuple[str, str], int], List[Ended], int]:
-        """({(type, state): count}, every ended operation, how many run), for this listing and pending."""
+    def read(self, store: OperationStore, listed: Listed) -> Tuple[Dict[Tuple[str, str], int], List[Ended], int]:
+        """({(type, state): count}, every ended operation, how many are in progress), for this listing."""
         # The store hands out the same list objects while its folders are unchanged: hold them so
         # their ids stay theirs, and compare by identity.
-        key = (listing, pending)
-        if len(self._key) == 2 and self._key[0] is listing and self._key[1] is pending:
+        key = (listed.listing, listed.pending, listed.problems)
+        if (len(self._key) == 3 and self._key[0] is key[0] and self._key[1] is key[1]
+                and self._key[2] == key[2]):
             return self._result
-        running = set(pending)
+        running = set(listed.pending)
         counts: Dict[Tuple[str, str], int] = {}
         ended: List[Ended] = []
-        types = {op["id"]: op["type"] for op in listing}
-        for op_id in running.intersection(types):
-            counts[(types[op_id], State.RUNNING.value)] = counts.get((types[op_id], State.RUNNING.value), 0) + 1
+        in_progress = 0
+        types = {op["id"]: op["type"] for op in listed.listing.operations()}
         ends = store.index.ends([op_id for op_id in types if op_id not in running])
-        for op_id, end in ends.items():
-            fact = Ended(types[op_id], ended_state(end.summary).value, end.duration)
-            ended.append(fact)
-            counts[(fact.op_type, fact.state)] = counts.get((fact.op_type, fact.state), 0) + 1
+        # The index shares one summary dict between equal ends: the rule runs once per distinct one.
+        seen: Dict[Tuple[int, int], Tuple[str, bool]] = {}
+        for op_id, op_type in types.items():
+            end = None if op_id in running else ends.get(op_id)
+            if end is None and op_id not in running:
+                continue  # removed (pruned) meanwhile
+            problem = listed.problems.get(op_id)
+            summary = end.summary if end is not None else None
+            key = (id(summary), id(problem))
+            if key not in seen:
+                record = Record(op_id, {}, summary, problem)
+                seen[key] = (state_of(record).value, status_of(record) is Status.IN_PROGRESS)
+            state, live = seen[key]
+            counts[(op_type, state)] = counts.get((op_type, state), 0) + 1
+            in_progress += live
+            if end is not None and problem is None:
+                ended.append(Ended(op_type, state, end.duration))
         self._key = key
-        self._result = (counts, ended, len(running))
+        self._result = (counts, ended, in_progress)
         return self._result
 
 
@@ -372,14 +386,13 @@ class Metrics:
         for server in servers:
             try:
                 store = self.service._store(server)
-                listing = self.service.list_operations(server)["operations"]
-                pending = store.unfinished()
+                listed = self.service.listed(server)
             except ApiError as exc:
                 log.warning("metrics: cannot list the operations of %s: %s", server or "the instance", exc.message)
                 continue
             label = server or INSTANCE
             facts = self._operations.setdefault(server, OperationFacts())
-            counts, ended, in_progress = facts.read(store, listing, pending)
+            counts, ended, in_progress = facts.read(store, listed)
             for (op_type, state), count in sorted(counts.items()):
                 by_state.add_metric([label, op_type, state], count)
             running.add_metric([label], in_progress)

@@ -54,8 +54,10 @@ def parse_filters(query: Mapping[str, Any]) -> ListFilters:
     return ListFilters(status, op_type, after, int(limit) if limit is not None else None)
 
 
-def paged(store: OperationStore, operations: List[Dict[str, str]], filters: ListFilters) -> Dict[str, Any]:
-    """Filter by `status` and `type`, then return at most `limit` after the cursor `after`."""
+def paged(store: OperationStore, operations: List[Dict[str, str]], filters: ListFilters,
+          problems: Mapping[str, Dict[str, str]]) -> Dict[str, Any]:
+    """Filter by `status` and `type`, then return at most `limit` after the cursor `after`. *problems*: the
+    problem of each operation that has one (a corrupt one is FAILED, as its status says)."""
     after = sort_key(filters.after) if filters.after is not None else None
     limit = filters.limit
     selected = []
@@ -64,7 +66,7 @@ def paged(store: OperationStore, operations: List[Dict[str, str]], filters: List
             continue
         if filters.type is not None and op["type"] != filters.type:
             continue
-        if filters.status is not None and _status(store, op["id"]) != filters.status:
+        if filters.status is not None and _status(store, op["id"], problems) != filters.status:
             continue
         selected.append(op)
         if limit is not None and len(selected) > limit:
@@ -75,6 +77,6 @@ def paged(store: OperationStore, operations: List[Dict[str, str]], filters: List
     return result
 
 
-def _status(store: OperationStore, op_id: str) -> str:
-    return status_of(Record(op_id, {}, store.end_summary(op_id))).value
+def _status(store: OperationStore, op_id: str, problems: Mapping[str, Dict[str, str]]) -> str:
+    return status_of(Record(op_id, {}, store.end_summary(op_id), problems.get(op_id))).value
 

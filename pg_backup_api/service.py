@@ -10,10 +10,10 @@ from __future__ import annotations
 import logging
 import signal
 import threading
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Mapping, Optional
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 from pg_backup_api import (
     auth,
@@ -56,11 +56,27 @@ from pg_backup_api.settings import Settings
 from pg_backup_api.store import (
     OperationStore,
     Record,
+    check_job,
     corrupt,
     storage_error,
 )
 
 log = logging.getLogger(__name__)
+
+# The problem of an operation whose job file cannot be read (the listing says so: "state": "corrupt").
+CORRUPT_JOB = {"state": State.CORRUPT.value, "reason": "its job file cannot be read"}
+
+
+@dataclass(frozen=True)
+class Listed:
+    """A store's operations once those without an end were reconciled: what lists, filters and /metrics count."""
+
+    listing: Listing
+    pending: List[str]  # ids without an output file, oldest first
+    # The problem (corrupt, cancel_failed) of each operation that has one, as its status shows it: with
+    # operations.state_of, the state of a listed operation is the one its GET answers.
+    problems: Dict[str, Dict[str, str]]
+
 
 Spawn = Callable[[OperationType, str, str, OperationStore, str], None]
 # A worker records itself within a fraction of a second of being spawned; one that has not
@@ -149,6 +165,9 @@ class Service:
             # What it started may still run: stop it rather than let it write on unwatched.
             processes.signal_members(ident.pid, marker, signal.SIGTERM)
             return f"the worker (pid {ident.pid}) ended without recording a result"
+        # Without a start time "not started yet" would last for ever: CorruptState (store.get refuses
+        # such a job file already; this covers a record made elsewhere).
+        check_job(store.job_path(record.op_id), record.job)
         started = parse_time(record.job.get("start_time"))
         if started is None or now_utc() - started < WORKER_START_GRACE:
             return None
@@ -178,44 +197,56 @@ class Service:
                 errors += 1
                 continue
             for op_id in unfinished:
-                errors += self._reconcile_one(store, op_id)
+                errors += self._reconcile_one(store, op_id)[1]
         ssh_master.sweep(config.barman_home)
         self.reconcile_errors += errors
         if errors:
             log.error("%d server(s) or operation(s) could not be reconciled at start-up (see above)", errors)
         return errors
 
-    def _reconcile_one(self, store: OperationStore, op_id: str) -> int:
-        """Reconcile one operation; 1 if that failed (logged with its file), else 0."""
+    def _reconcile_one(self, store: OperationStore, op_id: str) -> Tuple[Optional[Record], int]:
+        """Reconcile one operation: the record (None once removed, or when that failed) and 1 if that
+        failed (logged with its file), else 0."""
         try:
             record = self._reconciled(store, store.get(op_id))
         except NotFound:
-            return 0  # removed (pruned) meanwhile
+            return None, 0  # removed (pruned) meanwhile
         except Exception:
             log.exception("cannot reconcile operation %s (%s)", op_id, store.job_path(op_id))
-            return 1
+            return None, 1
         if record.problem is not None and record.problem["state"] == State.CORRUPT.value:
             log.error("operation %s: %s", op_id, record.problem["reason"])
-        return 0
+        return record, 0
 
     def list_operations(self, server: Optional[str], query: Optional[Mapping[str, Any]] = None
                         ) -> Dict[str, Any]:
         filters = paging.parse_filters(query) if query else None
         store = self._store(server)
-        operations = self._reconciled_listing(store).operations()
+        listed = self.listed(server)
+        operations = listed.listing.operations()
         if filters is None:
             return {"operations": operations}
-        return paging.paged(store, operations, filters)
+        return paging.paged(store, operations, filters, listed.problems)
 
     def operations_json(self, server: Optional[str]) -> bytes:
         """The unfiltered listing as JSON, `{"operations": [...]}`: encoded once per change of jobs/."""
-        return self._reconciled_listing(self._store(server)).body()
+        return self.listed(server).listing.body()
 
-    def _reconciled_listing(self, store: OperationStore) -> Listing:
+    def listed(self, server: Optional[str]) -> Listed:
+        """The operations of *server* (None: the instance's) after those without an end were reconciled."""
+        store = self._store(server)
         snapshot = store.index.snapshot()
+        problems = {op_id: CORRUPT_JOB for op_id in snapshot.listing.corrupt}
+        settled = False
         for op_id in snapshot.pending:
-            self.reconcile_errors += self._reconcile_one(store, op_id)
-        return snapshot.listing
+            record, failed = self._reconcile_one(store, op_id)
+            self.reconcile_errors += failed
+            if record is not None and record.problem is not None:
+                problems[op_id] = record.problem
+            settled = settled or (record is not None and record.output is not None)
+        if settled:  # some ended (declared lost) meanwhile: they are no longer pending
+            snapshot = store.index.snapshot()
+        return Listed(snapshot.listing, snapshot.pending, problems)
 
     def get_operation(self, server: Optional[str], op_id: str) -> Dict[str, Any]:
         store = self._store(server)

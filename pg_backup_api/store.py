@@ -21,6 +21,7 @@ from typing import Any, Dict, Iterator, List, Optional
 from pg_backup_api import ids
 from pg_backup_api.errors import ApiError, CorruptState, NoSuchOperation
 from pg_backup_api.index import OperationIndex
+from pg_backup_api.operations import parse_time
 
 # Moved to the bottom layer (records); re-exported so the store's callers keep their imports.
 from pg_backup_api.records import (  # noqa: F401
@@ -55,7 +56,7 @@ class OperationStore:
         self.output_dir = root / OUTPUT_DIR
         self.workers_dir = self.jobs_dir / WORKERS_DIR
         # The only cache of what jobs/ and output/ hold; reading a single operation bypasses it.
-        self.index = OperationIndex(self.jobs_dir, self.output_dir, read_state_file)
+        self.index = OperationIndex(self.jobs_dir, self.output_dir, read_state_file, read_job=read_job_file)
 
     def job_path(self, op_id: str) -> Path:
         return self.jobs_dir / f"{self._checked(op_id)}.json"
@@ -125,7 +126,8 @@ class OperationStore:
             found = read_state_file(self.job_path(op_id))
             if found is None:
                 raise NoSuchOperation(op_id)
-            job = found
+            job = found  # kept when only a field is wrong: the status still shows what was asked
+            check_job(self.job_path(op_id), job)
             return Record(op_id, job, self.read_output(op_id))
         except CorruptState as exc:
             log.error("operation %s is corrupt: %s", op_id, exc.message)
@@ -198,6 +200,24 @@ class OperationStore:
     def list(self) -> List[Dict[str, str]]:
         """[{"id", "type"}] of every operation, oldest first. The caller must not change it."""
         return self.index.snapshot().listing.operations()
+
+
+def check_job(path: Path, job: Dict[str, Any]) -> None:
+    """CorruptState unless *job* is a job file the service can act on: its `start_time` is what tells a
+    worker that never started (lost after a grace) from one about to, so without it the operation would
+    read as running for ever."""
+    if parse_time(job.get("start_time")) is None:
+        shown = repr(job["start_time"])[:80] if "start_time" in job else "missing"
+        raise CorruptState(str(path), f"field 'start_time' is not an ISO-8601 time ({shown})")
+
+
+def read_job_file(path: Path) -> Optional[Dict[str, Any]]:
+    """A job file's JSON object; None when it does not exist; CorruptState when it cannot be read or
+    makes no sense (see check_job)."""
+    job = read_state_file(path)
+    if job is not None:
+        check_job(path, job)
+    return job
 
 
 def corrupt(exc: CorruptState) -> Dict[str, str]:

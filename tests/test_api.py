@@ -1,6 +1,7 @@
 """The HTTP contract existing clients (curl users, Patroni's barman script) depend on, against real
 files; only the worker start is recorded."""
 
+import io
 import json
 import threading
 
@@ -149,6 +150,35 @@ def test_bad_posts_get_a_json_error_and_store_nothing(client, barman_files, requ
     assert words in response.json["error"]
     jobs = barman_files.home / "pg" / "jobs"
     assert not jobs.exists() or list(jobs.iterdir()) == []
+
+
+class RefusingBody(io.RawIOBase):
+    """A request body the WSGI server cannot read: gunicorn raises its own ParseException (not an OSError)
+    for a malformed chunk, e.g. InvalidChunkSize."""
+
+    def readable(self):
+        return True
+
+    def seekable(self):
+        return True
+
+    def seek(self, offset, whence=0):
+        return 0
+
+    def tell(self):
+        return 0
+
+    def readinto(self, buffer):
+        raise type("InvalidChunkSize", (Exception,), {})("Invalid chunk size: b'zz'")
+
+
+def test_a_body_the_wsgi_server_cannot_read_is_a_json_400_not_a_500(client, barman_files):
+    response = client.post("/servers/pg/operations", input_stream=RefusingBody(), content_type="application/json",
+                           headers={"Transfer-Encoding": "chunked"},
+                           environ_overrides={"wsgi.input_terminated": True, "CONTENT_LENGTH": ""})
+    assert response.status_code == 400, response.json
+    assert "the request body cannot be read: Invalid chunk size" in response.json["error"]
+    assert not list((barman_files.home / "pg" / "jobs").glob("*.json"))
 
 
 def test_unknown_server_is_404_everywhere(client):

@@ -389,6 +389,56 @@ def test_an_unreadable_claim_blocks_its_destination(client, fake_barman, barman_
                        ).status_code == 202
 
 
+def corrupt_operation(barman_files, op_id, which):
+    """An operation started just now (no worker yet) whose *which* file (job, worker, output) holds garbage."""
+    write_job(barman_files, op_id, now_utc())
+    path = {"job": barman_files.home / "pg" / "jobs" / f"{op_id}.json", "worker": worker_file(barman_files, op_id),
+            "output": barman_files.home / "pg" / "output" / f"{op_id}.json"}[which]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text('{"garbage": ')
+    return path
+
+
+def listed_ids(client, query):
+    response = client.get(f"/servers/pg/operations?{query}")
+    assert response.status_code == 200, response.json
+    return [op["id"] for op in response.json["operations"]]
+
+
+@pytest.mark.parametrize("which", ["job", "worker", "output"])
+def test_a_corrupt_operation_is_failed_in_the_lists_filters_as_its_status_says(client, barman_files, which):
+    corrupt_operation(barman_files, "20261127T010101", which)
+    write_job(barman_files, "20261127T010102", now_utc())  # a healthy one, running
+    doc = status(client, "20261127T010101")
+    assert (doc["status"], doc["state"]) == ("FAILED", "corrupt")
+    assert listed_ids(client, "status=IN_PROGRESS") == ["20261127T010102"]
+    assert listed_ids(client, "status=FAILED") == ["20261127T010101"]
+    assert listed_ids(client, "status=DONE") == []
+
+
+@pytest.mark.parametrize("start_time", ["yesterday", "2026-11-27 25:61:00", 1764205261, None, "missing"])
+def test_a_job_whose_start_time_does_not_parse_is_corrupt_not_running_for_ever(client, barman_files, capsys,
+                                                                             start_time):
+    jobs = barman_files.home / "pg" / "jobs"
+    jobs.mkdir(parents=True, exist_ok=True)
+    job = jobs / "20261127T010101.json"
+    fields = {"operation_type": "recovery", **BODY}
+    if start_time != "missing":
+        fields["start_time"] = start_time
+    job.write_text(json.dumps(fields))
+    doc = status(client, "20261127T010101")
+    assert (doc["status"], doc["state"], doc["corrupt_file"]) == ("FAILED", "corrupt", str(job))
+    assert "field 'start_time'" in doc["reason"]
+    assert listed_ids(client, "status=IN_PROGRESS") == []
+    assert listed_ids(client, "status=FAILED") == ["20261127T010101"]
+    assert client.post("/servers/pg/operations/20261127T010101/cancel").status_code == 409
+    assert run_doctor() == 1
+    out = capsys.readouterr().out
+    assert f"FAIL state-files: {job} cannot be read (field 'start_time'" in out
+    assert run_doctor(fix=True) == 0
+    assert not job.exists()
+
+
 # -- reconciliation never stops early --------------------------------------------------------------
 
 def test_start_up_reconciliation_goes_on_past_a_server_it_cannot_read(barman_files, fake_barman, caplog):

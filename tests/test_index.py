@@ -38,7 +38,8 @@ def store(request, tmp_path):
 
 
 def create(store, seconds, op_type="recovery"):
-    return store.create({"operation_type": op_type}, T0 + timedelta(seconds=seconds))
+    start = T0 + timedelta(seconds=seconds)
+    return store.create({"operation_type": op_type, "start_time": start.isoformat()}, start)
 
 
 def ids_of(store):
@@ -131,7 +132,7 @@ def test_a_corrupt_job_file_is_listed_as_corrupt_and_seen_once_repaired_in_place
     assert broken.list() == [{"id": a, "type": "unknown", "state": "corrupt"}, {"id": b, "type": "recovery"}]
     assert json.loads(broken.index.snapshot().listing.body()) == {"operations": broken.list()}
     age(store.jobs_dir)
-    store.job_path(a).write_text(json.dumps({"operation_type": "backup"}))
+    store.job_path(a).write_text(json.dumps({"operation_type": "backup", "start_time": T0.isoformat()}))
     assert broken.list() == [{"id": a, "type": "backup"}, {"id": b, "type": "recovery"}]
 
 
@@ -162,16 +163,16 @@ def test_the_json_body_is_the_listing_also_when_extended_at_the_end(store):
 def test_a_job_removed_between_listing_and_reading_is_left_out_and_seen_if_it_returns(store, monkeypatch):
     a = create(store, 0)
     saved = store.job_path(a).read_text()
-    real = store.index._read
+    real = store.index._read_job
 
     def vanishing(path):
         if path.name == f"{a}.json" and path.exists():
             path.unlink()
         return real(path)
 
-    monkeypatch.setattr(store.index, "_read", vanishing)
+    monkeypatch.setattr(store.index, "_read_job", vanishing)
     assert ids_of(store) == []
-    monkeypatch.setattr(store.index, "_read", real)
+    monkeypatch.setattr(store.index, "_read_job", real)
     store.job_path(a).write_text(saved)
     scanned = os.stat(store.jobs_dir)
     freeze_mtime(store.jobs_dir, scanned)
@@ -312,5 +313,5 @@ def test_the_kept_file_holds_only_the_operations_asked_about_and_not_a_corrupt_e
     c = create(store, 3)
     finish(store, c, 2)
     ends = store.index.ends([a, c, broken])
-    assert set(ends) == {a, c}
+    assert set(ends) == {a, c, broken} and ends[broken] is index_module.CORRUPT_END  # counted, as /metrics does
     assert set(json.loads(store.index.ends_path.read_text())["ends"]) == {a, c}

@@ -169,6 +169,26 @@ def test_operations_by_state_durations_running_and_lost(client, lab):
     assert value(families, "pgba_operation_duration_seconds_count", type="recovery", outcome="failed") == 1
 
 
+@pytest.mark.parametrize("which", ["job", "worker", "output"])
+def test_a_corrupt_operation_counts_as_corrupt_in_the_metrics_not_as_running(client, lab, which):
+    store = OperationStore(lab.home / "pg", "pg")
+    now = datetime.now(timezone.utc)
+    broken = store.create(job_document(OperationType.RECOVERY, {}, now), now)
+    store.create(job_document(OperationType.BACKUP, {}, now), now)  # healthy, running
+    path = {"job": store.job_path(broken), "worker": store.worker_path(broken), "output": store.output_path(broken)}
+    path[which].parent.mkdir(parents=True, exist_ok=True)
+    path[which].write_text("{not json")
+    doc = client.get(f"/servers/pg/operations/{broken}").json
+    assert (doc["status"], doc["state"]) == ("FAILED", "corrupt")
+    families = scrape(client)
+    # A job file that cannot be read says no type: the listing has it as "unknown".
+    shown_type = "unknown" if which == "job" else "recovery"
+    assert samples(families, "pgba_operations", server="pg") == {
+        (("state", "corrupt"), ("type", shown_type)): 1, (("state", "running"), ("type", "backup")): 1}
+    assert value(families, "pgba_operations_in_progress", server="pg") == 1
+    assert samples(families, "pgba_operation_duration_seconds_count", type=shown_type) == {}
+
+
 @pytest.mark.parametrize("state", [["succeeded"], {"state": "failed"}, 7, None, "finished"])
 def test_an_output_file_with_an_odd_state_is_counted_by_its_success_as_the_status_says(client, lab, state):
     # The same rule as an operation's status: `state` when it is one, else `success` (the reference's).

@@ -28,7 +28,7 @@ def test_a_hundred_creations_in_the_same_second_get_distinct_ids(store):
     created = []
 
     def create():
-        created.append(store.create({"operation_type": "recovery"}, NOW))
+        created.append(store.create({"operation_type": "recovery", "start_time": NOW.isoformat()}, NOW))
 
     threads = [threading.Thread(target=create) for _ in range(100)]
     for t in threads:
@@ -40,7 +40,7 @@ def test_a_hundred_creations_in_the_same_second_get_distinct_ids(store):
 
 
 def test_no_temporary_file_is_left_behind(store):
-    store.create({"operation_type": "recovery"}, NOW)
+    store.create({"operation_type": "recovery", "start_time": NOW.isoformat()}, NOW)
     assert [n for n in os.listdir(store.jobs_dir) if not n.endswith(".json")] == [".workers"]
     assert os.listdir(store.workers_dir) == []
 
@@ -55,14 +55,14 @@ def test_exclusive_write_never_replaces_an_existing_file(tmp_path):
 
 
 def test_get_reads_job_and_output(store):
-    op_id = store.create({"operation_type": "recovery"}, NOW)
+    op_id = store.create({"operation_type": "recovery", "start_time": NOW.isoformat()}, NOW)
     assert store.get(op_id).output is None
     assert store.finish(op_id, {"success": True})
     assert store.get(op_id).output == {"success": True}
 
 
 def test_the_first_recorded_end_wins(store):
-    op_id = store.create({"operation_type": "recovery"}, NOW)
+    op_id = store.create({"operation_type": "recovery", "start_time": NOW.isoformat()}, NOW)
     assert store.finish(op_id, {"success": False, "output": "first"})
     assert not store.finish(op_id, {"success": True, "output": "second"})
     assert store.get(op_id).output["output"] == "first"
@@ -76,11 +76,12 @@ def test_unknown_and_malformed_ids_are_not_found(store):
 
 
 def test_list_is_oldest_first_and_follows_files_added_and_removed(store):
-    a = store.create({"operation_type": "recovery"}, NOW)
-    b = store.create({"operation_type": "config_switch"}, NOW)
+    a = store.create({"operation_type": "recovery", "start_time": NOW.isoformat()}, NOW)
+    b = store.create({"operation_type": "config_switch", "start_time": NOW.isoformat()}, NOW)
     assert store.list() == [{"id": a, "type": "recovery"}, {"id": b, "type": "config_switch"}]
     os.unlink(store.job_path(a))
-    c = store.create({"operation_type": "recovery"}, datetime(2026, 11, 28, tzinfo=timezone.utc))
+    later = datetime(2026, 11, 28, tzinfo=timezone.utc)
+    c = store.create({"operation_type": "recovery", "start_time": later.isoformat()}, later)
     assert [o["id"] for o in store.list()] == [b, c]
 
 
@@ -97,7 +98,7 @@ def test_list_of_a_server_without_operations_is_empty(store):
 
 
 def test_unfinished_follows_new_output_files(store):
-    a = store.create({"operation_type": "recovery"}, NOW)
+    a = store.create({"operation_type": "recovery", "start_time": NOW.isoformat()}, NOW)
     assert store.unfinished() == [a]
     store.finish(a, {"success": True})
     assert store.unfinished() == []

@@ -102,9 +102,12 @@ def machine(sandbox, tmp_path_factory) -> Iterator[Machine]:
     homes: List[str] = sorted({sandbox["BARMAN_HOME"], sandbox["BARMAN_UNIX_HOME"]})
     # The unit as shipped, with the sandbox's user and Barman home in place of barman and /var/lib/barman.
     unit = work / "pg-backup-api.service"
+    # The venv under test (PGBA_VENV) when it is not the unit's; /opt is bound into the container.
+    venv = {"ExecStart=/opt/pg-backup-api/venv/bin/gunicorn ": f"ExecStart={VENV}/bin/gunicorn "}
     unit.write_text(render(UNIT, {"User=barman\n": f"User={user}\n", "Group=barman\n": f"Group={user}\n",
                                   "ReadWritePaths=/var/lib/barman -/var/log/barman":
-                                      f"ReadWritePaths={' '.join(homes)} -{sandbox['LOG_DIR']}"}))
+                                      f"ReadWritePaths={' '.join(homes)} -{sandbox['LOG_DIR']}",
+                                  **(venv if VENV != Path("/opt/pg-backup-api/venv") else {})}))
     default = work / "default"
     default.write_text(f"PG_BACKUP_API_BARMAN_CONF={sandbox['BARMAN_CONF']}\nPG_BACKUP_API_BIND=127.0.0.1:{port}\n")
     log = work / "nspawn.log"
