@@ -68,6 +68,18 @@ graceful_timeout = 30
 # Headers with "_" would alias proxy-set ones (X-Client-Cert_Subject vs X-Client-Cert-Subject):
 # drop them (gunicorn's default since 22.0, stated for older versions' sake).
 header_map = "drop"
+
+
+def pre_request(worker: object, req: object) -> None:
+    """Drop every header whose name holds "_", before gunicorn builds the request's environ.
+
+    gunicorn before 22.0 (Debian 12 ships 20.1) ignores header_map: there a client's
+    X-Client-Cert_Subject lands in the same environ key as the proxy's X-Client-Cert-Subject, the two
+    joined by a comma, so a client could append to the subject the proxy vouches for.
+    """
+    req.headers = [(name, value) for name, value in req.headers if "_" not in name]  # type: ignore[attr-defined]
+
+
 # The heartbeat file of each worker: keep it off the disk when /dev/shm is there.
 worker_tmp_dir = "/dev/shm" if os.access("/dev/shm", os.W_OK) else None
 proc_name = "pg-backup-api"

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import re
+import runpy
 import signal
 import socket
 import subprocess
@@ -105,3 +106,28 @@ def test_clients_sending_half_a_request_take_no_thread(gunicorn):
 def test_an_over_long_head_goes_to_gunicorns_parser_which_refuses_it(gunicorn):
     answer = exchange(gunicorn, b"GET /" + b"a" * 70000 + b" HTTP/1.1\r\nHost: x\r\n\r\n")
     assert answer.startswith(b"HTTP/1.1 414")
+
+
+def test_a_header_with_an_underscore_cannot_append_to_the_subject_the_proxy_vouches_for(tmp_path, monkeypatch):
+    """gunicorn before 22.0 (Debian 12's 20.1) ignores header_map and joins X-Client-Cert_Subject to the
+    proxy's X-Client-Cert-Subject; header_map = "dangerous" parses as those versions did."""
+    from gunicorn.config import Config
+    from gunicorn.http import wsgi
+    from gunicorn.http.message import Request
+    from gunicorn.http.unreader import IterUnreader
+
+    monkeypatch.setenv("PG_BACKUP_API_LOG_DIR", str(tmp_path))
+    settings = runpy.run_path(str(ROOT / "packaging" / "gunicorn.conf.py"))
+    cfg = Config()
+    cfg.set("header_map", "dangerous")
+    raw = (b"GET /status HTTP/1.1\r\nHost: x\r\nX-Client-Cert-Subject: CN=patroni\r\n"
+           b"X-Client-Cert_Subject: CN=admin\r\n\r\n")
+    req = Request(cfg, IterUnreader([raw]), ("127.0.0.1", 40000))
+    settings["pre_request"](None, req)
+
+    class Listener:
+        def getsockname(self):
+            return ("127.0.0.1", 7480)
+
+    _, environ = wsgi.create(req, Listener(), ("127.0.0.1", 40000), ("127.0.0.1", 7480), cfg)
+    assert environ["HTTP_X_CLIENT_CERT_SUBJECT"] == "CN=patroni"
