@@ -98,6 +98,7 @@ FIELD_EFFECTS: Dict[OperationType, Dict[str, Declared]] = {
 RECORDED_FIELDS: Dict[str, Declared] = {
     "requested_by": _none("who asked, recorded in the job"),
     "resolved_backup_id": _none("the backup chosen, recorded in the job"),
+    "target_address": _none("the address ssh connects to, recorded in the job: the worker's host slots"),
 }
 
 

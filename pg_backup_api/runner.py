@@ -250,9 +250,12 @@ def _argv(op_type: OperationType, barman_conf: str, server: str, job: Dict[str, 
 
 
 def target_host(job: Dict[str, Any]) -> str:
-    """The host a recovery writes to, as ssh resolves it (what its slots are counted by)."""
-    # Checked against the server's policy when it was accepted; parsed again only for its host.
-    return ssh_command.resolve(ssh_command.parse(job["remote_ssh_command"], ssh_command.ENABLEABLE)).host
+    """The address a recovery's ssh connects to, what its slots are counted by: as the service recorded
+    it, else (a job written without it) looked up as the service does."""
+    if isinstance(job.get("target_address"), str):
+        return job["target_address"]
+    command = ssh_command.parse(job["remote_ssh_command"], ssh_command.ENABLEABLE)
+    return ssh_command.connect_address(ssh_command.resolve(command))
 
 
 def run_operation(op_type: OperationType, barman_conf: str, server: Optional[str], op_id: str,

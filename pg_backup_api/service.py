@@ -250,8 +250,10 @@ class Service:
             command = ssh_command.parse(fields["remote_ssh_command"], self.settings.ssh_options_for(server))
             backup = barman_adapter.resolve_backup(config.server(server), fields["backup_id"],
                                                    fields.get("target_time"), fields.get("target_lsn"))
-            # The job keeps the command as sent; the claim and the policy use where ssh says it goes.
+            # The job keeps the command as sent; the claim and the policy use where ssh says it goes,
+            # and the claim and the host's slots the address it connects to, however it is spelt.
             target = ssh_command.resolve(command)
+            address = ssh_command.connect_address(target)
             self._check_policy(server, target)
             # Every path the recovery writes or wipes passes the path rules before anything else is
             # checked of them (a tablespace name the backup lacks is refused next, whatever its path).
@@ -260,9 +262,11 @@ class Service:
                 barman_adapter.remote_staging_path(config.server(server), backup))))
             barman_adapter.check_recovery_against_backup(fields, backup)
             fields["resolved_backup_id"] = backup.backup_id
+            fields["target_address"] = address
             # One recovery at a time into a given directory of a given host.
-            claim_key = f"recovery\0{target.key}\0{fields['destination_directory']}"
-            busy = f"a recovery into {fields['destination_directory']} on {target.key} is already running"
+            host = ssh_command.endpoint(address, target.port)
+            claim_key = f"recovery\0{host}\0{fields['destination_directory']}"
+            busy = f"a recovery into {fields['destination_directory']} on {host} is already running"
         elif op_type is OperationType.BACKUP:
             if fields.get("incremental"):
                 fields["incremental"] = barman_adapter.resolve_backup(
