@@ -9,10 +9,11 @@ import subprocess
 import sys
 import time
 import traceback
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 from pg_backup_api import barman_cli, processes, ssh_command, ssh_master
 from pg_backup_api.claims import Claims
@@ -79,8 +80,11 @@ def barman_home(barman_conf: str, server: Optional[str]) -> Path:
     return config.barman_home
 
 
-# Seconds between two asks of a waiting recovery for a slot on its host.
-SLOT_POLL = 0.5
+# Seconds a waiting recovery sleeps at most between two asks for a slot on its host, when no slot
+# file there was removed meanwhile: the first in the queue asks sooner, since a holder killed outright
+# (its slot left behind) is found by whoever asks next. Any removal wakes every waiter at once.
+FIRST_IN_QUEUE_RECHECK = 5.0
+IN_QUEUE_RECHECK = 30.0
 # After a signal that is not a cancel (a plain `kill`), how long the end waits for the operation's
 # other processes; a cancel's own SIGKILL ends the wait sooner (see Worker.wait_for_the_rest).
 STRAGGLERS_WAIT = 30.0
@@ -93,6 +97,25 @@ class HostSlots:
 
     claims: Claims
     limit: int
+
+
+@contextmanager
+def _woken_by_signals() -> Iterator[int]:
+    """A file descriptor that becomes readable when a signal arrives, for the duration of the block.
+
+    A signal handler returning normally does not end a select() (it is resumed, PEP 475): the
+    interpreter's wake-up descriptor does, so a cancel ends a wait for a slot at once.
+    """
+    readable, writable = os.pipe()
+    os.set_blocking(readable, False)
+    os.set_blocking(writable, False)
+    previous = signal.set_wakeup_fd(writable)
+    try:
+        yield readable
+    finally:
+        signal.set_wakeup_fd(previous)
+        os.close(readable)
+        os.close(writable)
 
 
 def operation_marker(server: Optional[str], op_id: str) -> str:
@@ -165,18 +188,29 @@ class Worker:
         self.store.record_worker(self.op_id, processes.identity().to_json())
         said = ""
         started = time.monotonic()
-        while self._refusal() is None:
-            place = slots.claims.take_slot(host, self.store.server, self.op_id, slots.limit)
-            if place is None:
-                if said:
-                    said += self._say(f"{SLOT_LINE}{host} after {time.monotonic() - started:.1f} s\n")
-                return True, said
-            if not said:
-                running, position = place
-                said = self._say(f"{WAITING_LINE}{host} ({running} recoveries run there, at most "
-                                 f"{slots.limit} at once: max_recoveries_per_host); number {position} in the queue\n")
-                log.info("operation %s: waiting for a slot on %s", self.op_id, host)
-            time.sleep(SLOT_POLL)  # a signal interrupts nothing here: the next _refusal() sees it
+        waits = None
+        with _woken_by_signals() as wake_fd:
+            try:
+                while self._refusal() is None:
+                    place = slots.claims.take_slot(host, self.store.server, self.op_id, slots.limit)
+                    if place is None:
+                        if said:
+                            said += self._say(f"{SLOT_LINE}{host} after {time.monotonic() - started:.1f} s\n")
+                        return True, said
+                    running, position = place
+                    if not said:
+                        said = self._say(f"{WAITING_LINE}{host} ({running} recoveries run there, at most "
+                                         f"{slots.limit} at once: max_recoveries_per_host); number {position} in "
+                                         "the queue\n")
+                        log.info("operation %s: waiting for a slot on %s", self.op_id, host)
+                    if waits is None:
+                        # Watched from now on: ask once more, so that a slot freed before the watch is not missed.
+                        waits = slots.claims.slot_waits(host)
+                        continue
+                    waits.wait(FIRST_IN_QUEUE_RECHECK if position == 1 else IN_QUEUE_RECHECK, wake_fd)
+            finally:
+                if waits is not None:
+                    waits.close()
         return False, said
 
     def _say(self, line: str) -> str:

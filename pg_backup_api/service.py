@@ -285,6 +285,10 @@ class Service:
         # Checked, proven, stored and claimed under one hold of the claims' lock.
         with self.claims.locked():
             self.claims.refuse_if_held(claim_key, busy)
+            if op_type is OperationType.RECOVERY:
+                # Counted where the slots are taken, under the same lock: a burst of POSTs cannot overshoot.
+                self.claims.refuse_if_queue_full(fields["target_address"], self.settings.max_recoveries_per_host,
+                                                 self.settings.max_queued_per_host, self.settings.max_queued)
             if op_type is OperationType.CONFIG_UPDATE:
                 # Proven under the claim, so no other config_update runs between this proof and
                 # the real edit. The job stores the values as Barman will write them (strings).
@@ -325,6 +329,8 @@ class Service:
             # Not claimed, so never started: forget the job rather than leave one that reads as running.
             store.remove(op_id)
             raise storage_error(exc, "cannot write the operation's claim") from exc
+        if op_type is OperationType.RECOVERY:
+            self._enqueue(server, op_id, fields["target_address"])
         try:
             self._spawn(op_type, server or "", op_id, store, self.settings.barman_conf)
         except Exception as exc:
@@ -339,6 +345,14 @@ class Service:
                     raise storage_error(exc, "cannot start the worker") from exc
             raise ApiError(f"operation {op_id} was stored but its worker could not start: {exc}") from exc
         return op_id
+
+    def _enqueue(self, server: Optional[str], op_id: str, host: str) -> None:
+        """Put the recovery in its host's queue before its worker starts, so the next POST counts it; if
+        that fails, the worker queues itself."""
+        try:
+            self.claims.enqueue(host, server, op_id)
+        except ApiError as exc:
+            log.warning("operation %s: its slot on %s is left to its worker: %s", op_id, host, exc.message)
 
     def cancel_operation(self, server: Optional[str], op_id: str, token: Optional[auth.Token] = None
                          ) -> Dict[str, Any]:

@@ -14,6 +14,8 @@
     ssh_options = StrictHostKeyChecking UserKnownHostsFile
     ssh_multiplex = on             ; off: Barman opens its own ssh connections (see ssh_master.py)
     max_recoveries_per_host = 4    ; recoveries running at once into one target host; more wait, queued
+    max_queued_per_host = 16       ; recoveries waiting for a slot on one host; 429 beyond
+    max_queued = 64                ; recoveries waiting for a slot, all hosts together; 429 beyond
 
     [server pg]                    ; optional, narrows what a recovery of server `pg` may target
     allowed_hosts = db2.example.org 10.0.0.5
@@ -67,6 +69,8 @@ class Settings:
     ssh_options: Tuple[str, ...] = ()
     ssh_multiplex: bool = True
     max_recoveries_per_host: int = 4  # recoveries into one target host running at once; the others wait
+    max_queued_per_host: int = 16  # recoveries waiting for a slot on one host; a POST beyond is a 429
+    max_queued: int = 64  # recoveries waiting for a slot on any host; a POST beyond is a 429
     servers: Dict[str, ServerPolicy] = field(default_factory=dict)
 
     def policy(self, server: str) -> ServerPolicy:
@@ -88,7 +92,7 @@ class Settings:
             values, servers = _read_file(path or DEFAULT_CONFIG)
         for key in ("barman_conf", "port", "log_level", "cancel_grace", "check_timeout", "check_interval",
                     "max_streams", "auth", "tokens_file", "audit_log", "max_body_bytes", "ssh_options",
-                    "ssh_multiplex", "max_recoveries_per_host"):
+                    "ssh_multiplex", "max_recoveries_per_host", "max_queued_per_host", "max_queued"):
             if f"PG_BACKUP_API_{key.upper()}" in env:
                 values[key] = env[f"PG_BACKUP_API_{key.upper()}"]
         return cls(
@@ -107,6 +111,8 @@ class Settings:
             ssh_options=ssh_command.option_names(values.get("ssh_options", ""), "[api] or PG_BACKUP_API_SSH_OPTIONS"),
             ssh_multiplex=_switch(values, "ssh_multiplex", True),
             max_recoveries_per_host=_integer(values, "max_recoveries_per_host", 4, 1, 1000),
+            max_queued_per_host=_integer(values, "max_queued_per_host", 16, 0, 10000),
+            max_queued=_integer(values, "max_queued", 64, 0, 10000),
             servers=servers,
         )
 
