@@ -269,12 +269,13 @@ class Worker:
         return State.FAILED, f"{why}: {'; '.join(errors)}" if errors else why
 
 
-def _argv(op_type: OperationType, barman_conf: str, server: str, job: Dict[str, Any]) -> List[str]:
+def _argv(op_type: OperationType, barman_conf: str, server: str, job: Dict[str, Any],
+          copy_retry: Optional[Tuple[int, int]] = None) -> List[str]:
     if op_type is OperationType.RECOVERY:
         return barman_cli.restore_argv(
             barman_conf, server, job.get("resolved_backup_id") or job["backup_id"],
             job["destination_directory"], job["remote_ssh_command"],
-            {k: job[k] for k in RECOVERY_OPTIONS if k in job},
+            {k: job[k] for k in RECOVERY_OPTIONS if k in job}, copy_retry,
         )
     if op_type is OperationType.BACKUP:
         return barman_cli.backup_argv(barman_conf, server, job)
@@ -304,6 +305,7 @@ def run_operation(op_type: OperationType, barman_conf: str, server: Optional[str
     output = ""
     exit_code = None
     queue = None
+    unreachable = None
     try:
         home = barman_home(barman_conf, server)
         store = OperationStore(home / server if server else home, server)
@@ -320,9 +322,10 @@ def run_operation(op_type: OperationType, barman_conf: str, server: Optional[str
                 # --- ssh multiplexing (ssh_master.py): Barman's ssh rides on one master connection of the
                 # worker's for as long as Barman runs; the job file keeps the client's command.
                 with ssh_master.multiplexed(op_type, job, home, server, op_id, store) as ssh:
-                    argv = _argv(op_type, barman_conf, server or "", ssh.job)
+                    argv = _argv(op_type, barman_conf, server or "", ssh.job, ssh.copy_retry)
                     exit_code, output = worker.run(argv)
-                    output = waited + ssh.note + output
+                    output = waited + ssh.note + output + ssh.afterwards()
+                    unreachable = ssh.unreachable
                 # --- end of ssh multiplexing
             else:  # barman does not start: run() says why, under the operation's lock
                 exit_code, output = worker.run(_argv(op_type, barman_conf, server or "", job))
@@ -340,6 +343,8 @@ def run_operation(op_type: OperationType, barman_conf: str, server: Optional[str
     if worker is not None:
         worker.wait_for_the_rest()
     state, reason = worker.end_state(exit_code, output) if worker else (State.FAILED, output.strip())
+    if state is State.FAILED and unreachable and exit_code:
+        reason = f"{reason}; the worker's ssh master could not connect either: {unreachable}"
     if queue is not None and state is not State.SUCCEEDED:
         output += restore_queue(queue)
     extra = {}
