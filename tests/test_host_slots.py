@@ -311,6 +311,13 @@ def test_a_wait_for_a_slot_ends_when_a_slot_file_is_removed_or_a_signal_arrives(
         os.write(writable, b"\x0f")  # what the interpreter writes on SIGTERM (signal.set_wakeup_fd)
         thread.join(10)
         assert not thread.is_alive()
+        assert os.read(readable, 16) == b"\x0f"  # drained: the next wait is not woken by it
+        # Without a watch (no inotify, no such folder), the wait still ends: it looks again a while later.
+        unwatched = claims.SlotWaits(tmp_path / "no-such-host")
+        thread = threading.Thread(target=unwatched.wait, args=(600, readable))
+        thread.start()
+        thread.join(10)
+        assert not thread.is_alive()
     finally:
         os.write(writable, b"\0")
         waits.close()
