@@ -163,18 +163,21 @@ class Claims:
         """TooBusy (429) if a recovery into *host* accepted now would wait for a slot while *per_host*
         recoveries wait for one there already, or *total* on all hosts together."""
         with self.locked():
-            here = self._live_slots(self.host_dir(host))
-            if len(here) < limit:
-                return  # it would start at once
-            waiting = _queued(here, limit)
-            if waiting >= per_host:
-                raise TooBusy(f"{waiting} recoveries wait for a slot on {host} already (max_queued_per_host = "
-                              f"{per_host}; max_recoveries_per_host = {limit} run there); nothing was stored: "
-                              f"retry in {QUEUE_RETRY_AFTER} s", QUEUE_RETRY_AFTER)
-            hosts = self._jobs_dir() / HOSTS_DIR
-            for directory in sorted(hosts.iterdir()):
-                if directory != self.host_dir(host):
-                    waiting += _queued(self._live_slots(directory), limit)
+            try:
+                here = self._live_slots(self.host_dir(host))
+                if len(here) < limit:
+                    return  # it would start at once
+                waiting = _queued(here, limit)
+                if waiting >= per_host:
+                    raise TooBusy(f"{waiting} recoveries wait for a slot on {host} already (max_queued_per_host = "
+                                  f"{per_host}, with max_recoveries_per_host = {limit} running there); nothing was "
+                                  f"stored: retry in {QUEUE_RETRY_AFTER} s", QUEUE_RETRY_AFTER)
+                for directory in sorted((self._jobs_dir() / HOSTS_DIR).iterdir()):
+                    if directory != self.host_dir(host):
+                        waiting += _queued(self._live_slots(directory), limit)
+            except OSError as exc:
+                raise storage_error(exc, f"cannot count the recoveries waiting in {self._jobs_dir() / HOSTS_DIR}") \
+                    from exc
             if waiting >= total:
                 raise TooBusy(f"{waiting} recoveries wait for a slot already, on all hosts together (max_queued = "
                               f"{total}); nothing was stored: retry in {QUEUE_RETRY_AFTER} s", QUEUE_RETRY_AFTER)

@@ -276,10 +276,10 @@ class Plan:
             return ""
         code = self.master.proc.returncode
         how = f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with code {code}"
-        copies = (f"a copy it carried was cut off and retried (--retry-times={self.copy_retry[0]})" if self.copy_retry
-                  else "a copy it carried was cut off (copy_retry_times = 0: no retry)")
-        return (f"pg-backup-api: the ssh master connection {how} while barman ran: {copies}; "
-                "barman's later ssh and rsync connected directly\n")
+        copies = (f"a copy cut off with it is retried (--retry-times={self.copy_retry[0]})" if self.copy_retry
+                  else "a copy cut off with it fails (copy_retry_times = 0)")
+        return (f"pg-backup-api: the ssh master connection {how} while barman ran: barman's later ssh and rsync "
+                f"connected directly, and {copies}\n")
 
 
 def settings() -> Settings:

@@ -407,6 +407,6 @@ def test_the_output_says_when_the_master_died_while_barman_ran():
     assert plan.afterwards() == ""  # alive: nothing to say
     master.proc.kill()
     master.proc.wait()
-    assert plan.afterwards() == ("pg-backup-api: the ssh master connection was killed by SIGKILL while barman ran: a "
-                                 "copy it carried was cut off and retried (--retry-times=2); barman's later ssh and "
-                                 "rsync connected directly\n")
+    assert plan.afterwards() == ("pg-backup-api: the ssh master connection was killed by SIGKILL while barman ran: "
+                                 "barman's later ssh and rsync connected directly, and a copy cut off with it is "
+                                 "retried (--retry-times=2)\n")

@@ -258,11 +258,15 @@ def recovering_into(prefix: str) -> set:
     return found
 
 
-def test_thirty_recoveries_posted_at_once_to_one_sshd_all_recover(sandbox, service):
+def test_thirty_recoveries_posted_at_once_to_one_sshd_all_recover(sandbox):
     """sshd's default MaxStartups (10:30:100) drops a burst of connections; without multiplexing
     such a burst ends with most recoveries FAILED ('Unable to connect to the target host'). With
-    max_recoveries_per_host (default 4), at most 4 run at once and the others wait, queued."""
+    max_recoveries_per_host (default 4), at most 4 run at once and the others wait, queued (as many
+    as max_queued_per_host allows: 30 here, beyond the default 16)."""
+    from .conftest import Service
+
     server = sandbox["BARMAN_SERVER"]
+    service = Service(sandbox, {"PG_BACKUP_API_MAX_QUEUED_PER_HOST": "30"}).start()
     destinations = [sandbox.restore_dir(f"e2e-mux-burst-{i}") for i in range(30)]
     prefix = destinations[0][:-1]
     most, sampling = [0], threading.Event()
@@ -274,9 +278,9 @@ def test_thirty_recoveries_posted_at_once_to_one_sshd_all_recover(sandbox, servi
 
     sampler = threading.Thread(target=sample)
     sampler.start()
-    with ThreadPoolExecutor(len(destinations)) as pool:
-        ids = list(pool.map(lambda d: post_recovery(service, sandbox, d), destinations))
     try:
+        with ThreadPoolExecutor(len(destinations)) as pool:
+            ids = list(pool.map(lambda d: post_recovery(service, sandbox, d), destinations))
         ended = [service.wait_until_ended(server, op_id, timeout=900) for op_id in ids]
         sampling.set()
         sampler.join()
@@ -290,6 +294,7 @@ def test_thirty_recoveries_posted_at_once_to_one_sshd_all_recover(sandbox, servi
         assert all("pg-backup-api: got a slot on " in s["output"] for s in waited)
     finally:
         sampling.set()
+        service.stop()
         for destination in destinations:
             shutil.rmtree(destination, ignore_errors=True)
 
@@ -344,7 +349,7 @@ def test_a_silent_ssh_port_fails_the_recovery_and_frees_its_slot(sandbox):
     assert failed["reason"].startswith("barman exited with code 1: Unable to connect to the target host")
     assert "; the worker's ssh master could not connect either: " in failed["reason"]
     assert "Connection timed out during banner exchange" in failed["reason"]
-    assert done["status"] == "DONE", done.get("output")
+    assert done["status"] == "DONE", done
     assert "pg-backup-api: got a slot on 127.0.0.1 after " in done["output"]
     assert restored_rows(sandbox, destination) == sandbox["ROWS_CHECK"]
 
@@ -365,8 +370,37 @@ def test_a_master_killed_mid_copy_does_not_fail_the_recovery(sandbox, service):
     os.kill(master, signal.SIGKILL)
     status = service.wait_until_ended(server, op_id)
     assert status["status"] == "DONE", status.get("output")
-    assert ("pg-backup-api: the ssh master connection was killed by SIGKILL while barman ran: a copy it carried "
-            "was cut off and retried (--retry-times=2)") in status["output"]
+    assert ("pg-backup-api: the ssh master connection was killed by SIGKILL while barman ran: barman's later ssh "
+            "and rsync connected directly, and a copy cut off with it is retried (--retry-times=2)") in status["output"]
     assert not sock.exists()
     assert masters_of(sock) == []
     assert restored_rows(sandbox, destination) == sandbox["ROWS_CHECK"]
+
+
+def test_a_recovery_beyond_the_queue_bound_is_a_429_and_the_queued_one_still_recovers(sandbox):
+    """The recovery queue had no bound: each waiting recovery is a process (60 queued used 0.78 cores
+    and 1.6 GB). Beyond max_queued_per_host a POST is refused with Retry-After."""
+    from .conftest import Service
+
+    server = sandbox["BARMAN_SERVER"]
+    bounded = Service(sandbox, {"PG_BACKUP_API_MAX_RECOVERIES_PER_HOST": "1",
+                                "PG_BACKUP_API_MAX_QUEUED_PER_HOST": "1"}).start()
+    running_into, queued_into = sandbox.restore_dir("e2e-queue-running"), sandbox.restore_dir("e2e-queue-waiting")
+    try:
+        running = post_recovery(bounded, sandbox, running_into, bwlimit=SLOW)
+        queued = post_recovery(bounded, sandbox, queued_into)
+        wait_for(lambda: bounded.get(f"/servers/{server}/operations/{queued}").json()["state"] == "queued")
+        body = {"type": "recovery", "backup_id": "latest", "destination_directory": sandbox.restore_dir("e2e-queue-no"),
+                "remote_ssh_command": sandbox["SSH_COMMAND"]}
+        refused = bounded.post(f"/servers/{server}/operations", json=body)
+        assert (refused.status_code, refused.headers.get("Retry-After")) == (429, "60"), refused.text
+        assert "max_queued_per_host = 1" in refused.json()["error"]
+        bounded.post(f"/servers/{server}/operations/{running}/cancel")
+        done = bounded.wait_until_ended(server, queued)
+    finally:
+        bounded.stop()
+        shutil.rmtree(running_into, ignore_errors=True)
+    assert done["status"] == "DONE", done
+    assert "pg-backup-api: got a slot on 127.0.0.1 after " in done["output"]
+    assert restored_rows(sandbox, queued_into) == sandbox["ROWS_CHECK"]
+    assert not Path(body["destination_directory"]).exists()
