@@ -467,7 +467,16 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--burst", type=int, metavar="N",
                         help="with --restore, instead: N recoveries started at once to distinct directories, by hand, "
                              "through the service and with ssh_multiplex off, loopback only (e.g. 30)")
+    parser.add_argument("--waiting", type=int, metavar="N",
+                        help="instead: the CPU and memory of N recoveries waiting for a slot on one host (e.g. 60)")
     args = parser.parse_args(argv)
+    if args.waiting is not None:
+        if args.waiting < 1:
+            parser.error("--waiting N needs N >= 1")
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        import waiting
+
+        return waiting.main(args.waiting, seconds=5 if args.quick else 20)
     if args.burst is not None and (not args.restore or args.quick or args.burst < 1):
         parser.error("--burst N (N >= 1) goes with --restore, not with --quick")
     if args.slow_clients:

@@ -107,6 +107,10 @@ class BurstBench(RestoreBench):
         super().__init__(1, False, strict)
         self.size = size
 
+    def service_settings(self) -> str:
+        # The whole burst is accepted and queued: max_queued_per_host (default 16) would refuse some with a 429.
+        return f"[api]\nmax_queued_per_host = {self.size}\nmax_queued = {max(64, self.size)}\n"
+
     def title(self) -> str:
         return (f"recovery burst: {self.size} started at once to distinct directories, one target host, loopback: "
                 f"{BY_HAND} / {MUX} / {PLAIN}")

@@ -346,13 +346,17 @@ class RestoreBench:
     def title(self) -> str:
         return f"recovery: {BY_HAND} / {MUX} / {PLAIN}; medians of {self.runs} alternating runs"
 
+    def service_settings(self) -> str:
+        """The service's settings file (read by the service and its workers)."""
+        return "[api]\n"
+
     def measure_all(self, box: Dict[str, str], sandbox: Path) -> None:
         code = sandbox / "code"
         shutil.copytree(ROOT / "pg_backup_api", code / "pg_backup_api",
                         ignore=shutil.ignore_patterns("__pycache__"))
         run(["chmod", "-R", "a+rX", str(code)])
         service_conf = sandbox / "pg-backup-api.conf"
-        service_conf.write_text("[api]\n")
+        service_conf.write_text(self.service_settings())
         service_conf.chmod(0o644)
         services = {MUX: Service(box, code, service_conf, True), PLAIN: Service(box, code, service_conf, False)}
         try:

@@ -14,7 +14,7 @@ import re
 import shutil
 import sys
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 from pg_backup_api import barman_features
 
@@ -51,10 +51,14 @@ SWITCH_OPTIONS = {  # option: (flag when true, flag when false)
 
 
 def restore_argv(config_path: str, server: str, backup_id: str, destination: str,
-                 remote_ssh_command: str, options: Optional[Dict[str, Any]] = None) -> List[str]:
-    """`barman restore` as an argv list: never a shell, `--opt=value` and positionals after `--`."""
+                 remote_ssh_command: str, options: Optional[Dict[str, Any]] = None,
+                 copy_retry: Optional[Tuple[int, int]] = None) -> List[str]:
+    """`barman restore` as an argv list: never a shell, `--opt=value` and positionals after `--`; with
+    *copy_retry* (times, seconds), Barman copies again what a failed rsync left."""
     argv = [barman_executable(), "-c", config_path, RESTORE_COMMAND,
             f"--remote-ssh-command={remote_ssh_command}"]
+    if copy_retry:
+        argv += [f"--retry-times={copy_retry[0]}", f"--retry-sleep={copy_retry[1]}"]
     options = options or {}
     for key, flag in VALUE_OPTIONS.items():
         if options.get(key) is not None:

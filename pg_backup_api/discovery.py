@@ -1,7 +1,7 @@
 """Discovery, read-only and synchronous: Barman's servers, their status, backups and checks,
 `barman diagnose`, and the report of Barman's queue of configuration changes.
 
-The slow reads (check, status, diagnose) run one at a time (single_flight): in a process, callers
+The slow reads (check, status, show-backup, diagnose) run one at a time (single_flight): in a process, callers
 share the run in progress; across processes, the second is answered 429.
 """
 
@@ -64,7 +64,9 @@ class Discovery:
     def show_backup(self, server: str, requested: str) -> Dict[str, Any]:
         config = self.config_source.get()
         backup_id = barman_adapter.find_backup(config.server(server), requested)
-        shown = barman_adapter.barman_json(config.path, "show-backup", "--", server, backup_id)
+        shown = self._reads.run(f"show-backup\0{server}\0{backup_id}", f"barman show-backup of backup '{backup_id}'",
+                                lambda: barman_adapter.barman_json(config.path, "show-backup", "--", server, backup_id,
+                                                                   timeout=self.settings.check_timeout))
         return shown.get(server, shown)
 
     def check_server(self, server: str) -> Dict[str, Any]:

@@ -102,6 +102,7 @@ RECORDED_FIELDS: Dict[str, Declared] = {
     "resolved_backup_id": _none("the backup chosen, recorded in the job"),
     "resolved_destination_directory": _none("where destination_directory leads on the target host (symbolic "
                                             "links followed), recorded in the job and claimed"),
+    "target_address": _none("the address ssh connects to, recorded in the job: the worker's host slots"),
 }
 
 

@@ -9,10 +9,11 @@ import subprocess
 import sys
 import time
 import traceback
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 from pg_backup_api import barman_cli, processes, ssh_command, ssh_master, target_probe
 from pg_backup_api.claims import Claims
@@ -79,8 +80,11 @@ def barman_home(barman_conf: str, server: Optional[str]) -> Path:
     return config.barman_home
 
 
-# Seconds between two asks of a waiting recovery for a slot on its host.
-SLOT_POLL = 0.5
+# Seconds a waiting recovery sleeps at most between two asks for a slot on its host, when no slot
+# file there was removed meanwhile: the first in the queue asks sooner, since a holder killed outright
+# (its slot left behind) is found by whoever asks next. Any removal wakes every waiter at once.
+FIRST_IN_QUEUE_RECHECK = 5.0
+IN_QUEUE_RECHECK = 30.0
 # After a signal that is not a cancel (a plain `kill`), how long the end waits for the operation's
 # other processes; a cancel's own SIGKILL ends the wait sooner (see Worker.wait_for_the_rest).
 STRAGGLERS_WAIT = 30.0
@@ -93,6 +97,25 @@ class HostSlots:
 
     claims: Claims
     limit: int
+
+
+@contextmanager
+def _woken_by_signals() -> Iterator[int]:
+    """A file descriptor that becomes readable when a signal arrives, for the duration of the block.
+
+    A signal handler returning normally does not end a select() (it is resumed, PEP 475): the
+    interpreter's wake-up descriptor does, so a cancel ends a wait for a slot at once.
+    """
+    readable, writable = os.pipe()
+    os.set_blocking(readable, False)
+    os.set_blocking(writable, False)
+    previous = signal.set_wakeup_fd(writable)
+    try:
+        yield readable
+    finally:
+        signal.set_wakeup_fd(previous)
+        os.close(readable)
+        os.close(writable)
 
 
 def operation_marker(server: Optional[str], op_id: str) -> str:
@@ -172,18 +195,29 @@ class Worker:
         self.store.record_worker(self.op_id, processes.identity().to_json())
         said = ""
         started = time.monotonic()
-        while self._refusal() is None:
-            place = slots.claims.take_slot(host, self.store.server, self.op_id, slots.limit)
-            if place is None:
-                if said:
-                    said += self._say(f"{SLOT_LINE}{host} after {time.monotonic() - started:.1f} s\n")
-                return True, said
-            if not said:
-                running, position = place
-                said = self._say(f"{WAITING_LINE}{host} ({running} recoveries run there, at most "
-                                 f"{slots.limit} at once: max_recoveries_per_host); number {position} in the queue\n")
-                log.info("operation %s: waiting for a slot on %s", self.op_id, host)
-            time.sleep(SLOT_POLL)  # a signal interrupts nothing here: the next _refusal() sees it
+        waits = None
+        with _woken_by_signals() as wake_fd:
+            try:
+                while self._refusal() is None:
+                    place = slots.claims.take_slot(host, self.store.server, self.op_id, slots.limit)
+                    if place is None:
+                        if said:
+                            said += self._say(f"{SLOT_LINE}{host} after {time.monotonic() - started:.1f} s\n")
+                        return True, said
+                    running, position = place
+                    if not said:
+                        said = self._say(f"{WAITING_LINE}{host} ({running} recoveries run there, at most "
+                                         f"{slots.limit} at once: max_recoveries_per_host); number {position} in "
+                                         "the queue\n")
+                        log.info("operation %s: waiting for a slot on %s", self.op_id, host)
+                    if waits is None:
+                        # Watched from now on: ask once more, so that a slot freed before the watch is not missed.
+                        waits = slots.claims.slot_waits(host)
+                        continue
+                    waits.wait(FIRST_IN_QUEUE_RECHECK if position == 1 else IN_QUEUE_RECHECK, wake_fd)
+            finally:
+                if waits is not None:
+                    waits.close()
         return False, said
 
     def _say(self, line: str) -> str:
@@ -242,12 +276,13 @@ class Worker:
         return State.FAILED, f"{why}: {'; '.join(errors)}" if errors else why
 
 
-def _argv(op_type: OperationType, barman_conf: str, server: str, job: Dict[str, Any]) -> List[str]:
+def _argv(op_type: OperationType, barman_conf: str, server: str, job: Dict[str, Any],
+          copy_retry: Optional[Tuple[int, int]] = None) -> List[str]:
     if op_type is OperationType.RECOVERY:
         return barman_cli.restore_argv(
             barman_conf, server, job.get("resolved_backup_id") or job["backup_id"],
             job["destination_directory"], job["remote_ssh_command"],
-            {k: job[k] for k in RECOVERY_OPTIONS if k in job},
+            {k: job[k] for k in RECOVERY_OPTIONS if k in job}, copy_retry,
         )
     if op_type is OperationType.BACKUP:
         return barman_cli.backup_argv(barman_conf, server, job)
@@ -257,9 +292,12 @@ def _argv(op_type: OperationType, barman_conf: str, server: str, job: Dict[str, 
 
 
 def target_host(job: Dict[str, Any]) -> str:
-    """The host a recovery writes to, as ssh resolves it (what its slots are counted by)."""
-    # Checked against the server's policy when it was accepted; parsed again only for its host.
-    return ssh_command.resolve(ssh_command.parse(job["remote_ssh_command"], ssh_command.ENABLEABLE)).host
+    """The address a recovery's ssh connects to, what its slots are counted by: as the service recorded
+    it, else (a job written without it) looked up as the service does."""
+    if isinstance(job.get("target_address"), str):
+        return job["target_address"]
+    command = ssh_command.parse(job["remote_ssh_command"], ssh_command.ENABLEABLE)
+    return ssh_command.connect_address(ssh_command.resolve(command))
 
 
 def run_operation(op_type: OperationType, barman_conf: str, server: Optional[str], op_id: str,
@@ -274,6 +312,7 @@ def run_operation(op_type: OperationType, barman_conf: str, server: Optional[str
     output = ""
     exit_code = None
     queue = None
+    unreachable = None
     try:
         home = barman_home(barman_conf, server)
         store = OperationStore(home / server if server else home, server)
@@ -290,10 +329,11 @@ def run_operation(op_type: OperationType, barman_conf: str, server: Optional[str
                 # --- ssh multiplexing (ssh_master.py): Barman's ssh rides on one master connection of the
                 # worker's for as long as Barman runs; the job file keeps the client's command.
                 with ssh_master.multiplexed(op_type, job, home, server, op_id, store) as ssh:
-                    argv = _argv(op_type, barman_conf, server or "", ssh.job)
+                    argv = _argv(op_type, barman_conf, server or "", ssh.job, ssh.copy_retry)
                     # A queued recovery may start long after it was accepted: its staging directory again.
                     exit_code, output = worker.run(argv, lambda: target_probe.recheck_staging(ssh.job))
-                    output = waited + ssh.note + output
+                    output = waited + ssh.note + output + ssh.afterwards()
+                    unreachable = ssh.unreachable
                 # --- end of ssh multiplexing
             else:  # barman does not start: run() says why, under the operation's lock
                 exit_code, output = worker.run(_argv(op_type, barman_conf, server or "", job))
@@ -311,6 +351,8 @@ def run_operation(op_type: OperationType, barman_conf: str, server: Optional[str
     if worker is not None:
         worker.wait_for_the_rest()
     state, reason = worker.end_state(exit_code, output) if worker else (State.FAILED, output.strip())
+    if state is State.FAILED and unreachable and exit_code:
+        reason = f"{reason}; the worker's ssh master could not connect either: {unreachable}"
     if queue is not None and state is not State.SUCCEEDED:
         output += restore_queue(queue)
     extra = {}

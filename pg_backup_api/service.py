@@ -287,8 +287,10 @@ class Service:
             command = ssh_command.parse(fields["remote_ssh_command"], self.settings.ssh_options_for(server))
             backup = barman_adapter.resolve_backup(config.server(server), fields["backup_id"],
                                                    fields.get("target_time"), fields.get("target_lsn"))
-            # The job keeps the command as sent; the claim and the policy use where ssh says it goes.
+            # The job keeps the command as sent; the claim and the policy use where ssh says it goes,
+            # and the claim and the host's slots the address it connects to, however it is spelt.
             target = ssh_command.resolve(command)
+            address = ssh_command.connect_address(target)
             self._check_policy(server, target)
             # Every path the recovery writes or wipes passes the path rules before anything else is
             # checked of them (a tablespace name the backup lacks is refused next, whatever its path).
@@ -298,13 +300,15 @@ class Service:
             self._check_effects(config, server, found)
             barman_adapter.check_recovery_against_backup(fields, backup)
             fields["resolved_backup_id"] = backup.backup_id
+            fields["target_address"] = address
             # Last, as it costs an ssh round trip: the same rules where the paths really lead on the target.
             fields["resolved_destination_directory"] = self._check_on_target(config, server, command, found)
             # One recovery at a time into a given directory of a given host.
+            host = ssh_command.endpoint(address, target.port)
             where, real = fields["destination_directory"], fields["resolved_destination_directory"]
-            claim_key = f"recovery\0{target.key}\0{real}"
+            claim_key = f"recovery\0{host}\0{real}"
             shown = where if real == where else f"{where} ({real} on the target host)"
-            busy = f"a recovery into {shown} on {target.key} is already running"
+            busy = f"a recovery into {shown} on {host} is already running"
         elif op_type is OperationType.BACKUP:
             if fields.get("incremental"):
                 fields["incremental"] = barman_adapter.resolve_backup(
@@ -322,6 +326,10 @@ class Service:
         # Checked, proven, stored and claimed under one hold of the claims' lock.
         with self.claims.locked():
             self.claims.refuse_if_held(claim_key, busy)
+            if op_type is OperationType.RECOVERY:
+                # Counted where the slots are taken, under the same lock: a burst of POSTs cannot overshoot.
+                self.claims.refuse_if_queue_full(fields["target_address"], self.settings.max_recoveries_per_host,
+                                                 self.settings.max_queued_per_host, self.settings.max_queued)
             if op_type is OperationType.CONFIG_UPDATE:
                 # Proven under the claim, so no other config_update runs between this proof and
                 # the real edit. The job stores the values as Barman will write them (strings).
@@ -373,6 +381,8 @@ class Service:
             # Not claimed, so never started: forget the job rather than leave one that reads as running.
             store.remove(op_id)
             raise storage_error(exc, "cannot write the operation's claim") from exc
+        if op_type is OperationType.RECOVERY:
+            self._enqueue(server, op_id, fields["target_address"])
         try:
             self._spawn(op_type, server or "", op_id, store, self.settings.barman_conf)
         except Exception as exc:
@@ -387,6 +397,14 @@ class Service:
                     raise storage_error(exc, "cannot start the worker") from exc
             raise ApiError(f"operation {op_id} was stored but its worker could not start: {exc}") from exc
         return op_id
+
+    def _enqueue(self, server: Optional[str], op_id: str, host: str) -> None:
+        """Put the recovery in its host's queue before its worker starts, so the next POST counts it; if
+        that fails, the worker queues itself."""
+        try:
+            self.claims.enqueue(host, server, op_id)
+        except ApiError as exc:
+            log.warning("operation %s: its slot on %s is left to its worker: %s", op_id, host, exc.message)
 
     def cancel_operation(self, server: Optional[str], op_id: str, token: Optional[auth.Token] = None
                          ) -> Dict[str, Any]:

@@ -14,7 +14,14 @@
     ; `-o` options remote_ssh_command may use beyond the default allowlist (see ssh_command.py)
     ssh_options = StrictHostKeyChecking UserKnownHostsFile
     ssh_multiplex = on             ; off: Barman opens its own ssh connections (see ssh_master.py)
+    ssh_connect_timeout = 10       ; seconds the worker's ssh may take to connect and exchange banners; 0: ssh's own
+    ssh_server_alive_interval = 15 ; seconds between keepalives of the worker's ssh; 0: none
+    ssh_server_alive_count_max = 4 ; keepalives unanswered before that ssh gives up
+    copy_retry_times = 2           ; barman restore --retry-times: a copy cut off (ssh master lost) is retried
+    copy_retry_sleep = 5           ; barman restore --retry-sleep, seconds
     max_recoveries_per_host = 4    ; recoveries running at once into one target host; more wait, queued
+    max_queued_per_host = 16       ; recoveries waiting for a slot on one host; 429 beyond
+    max_queued = 64                ; recoveries waiting for a slot, all hosts together; 429 beyond
 
     [server pg]                    ; optional, narrows what a recovery of server `pg` may target
     allowed_hosts = db2.example.org 10.0.0.5
@@ -70,7 +77,18 @@ class Settings:
     proxy_secret_file: Optional[str] = DEFAULT_PROXY_SECRET_FILE
     ssh_options: Tuple[str, ...] = ()
     ssh_multiplex: bool = True
+    # The worker's ssh (its master and the command Barman runs): a port that accepts TCP but never
+    # speaks ssh, or a connection that goes silent, must fail the recovery rather than hold its slot.
+    ssh_connect_timeout: int = 10
+    ssh_server_alive_interval: int = 15
+    ssh_server_alive_count_max: int = 4
+    # `barman restore --retry-times/--retry-sleep`: an rsync cut off with its connection (the ssh master
+    # lost) is run again; 0 leaves the server's basebackup_retry_times.
+    copy_retry_times: int = 2
+    copy_retry_sleep: int = 5
     max_recoveries_per_host: int = 4  # recoveries into one target host running at once; the others wait
+    max_queued_per_host: int = 16  # recoveries waiting for a slot on one host; a POST beyond is a 429
+    max_queued: int = 64  # recoveries waiting for a slot on any host; a POST beyond is a 429
     servers: Dict[str, ServerPolicy] = field(default_factory=dict)
 
     def policy(self, server: str) -> ServerPolicy:
@@ -92,7 +110,9 @@ class Settings:
             values, servers = _read_file(path or DEFAULT_CONFIG)
         for key in ("barman_conf", "port", "log_level", "cancel_grace", "check_timeout", "check_interval",
                     "max_streams", "auth", "tokens_file", "audit_log", "max_body_bytes", "ssh_options",
-                    "ssh_multiplex", "max_recoveries_per_host", "proxy_secret_file"):
+                    "ssh_multiplex", "ssh_connect_timeout", "ssh_server_alive_interval", "ssh_server_alive_count_max",
+                    "copy_retry_times", "copy_retry_sleep", "max_recoveries_per_host", "max_queued_per_host",
+                    "max_queued", "proxy_secret_file"):
             if f"PG_BACKUP_API_{key.upper()}" in env:
                 values[key] = env[f"PG_BACKUP_API_{key.upper()}"]
         return cls(
@@ -111,7 +131,14 @@ class Settings:
             proxy_secret_file=values.get("proxy_secret_file", DEFAULT_PROXY_SECRET_FILE).strip() or None,
             ssh_options=ssh_command.option_names(values.get("ssh_options", ""), "[api] or PG_BACKUP_API_SSH_OPTIONS"),
             ssh_multiplex=_switch(values, "ssh_multiplex", True),
+            ssh_connect_timeout=_integer(values, "ssh_connect_timeout", 10, 0, 3600),
+            ssh_server_alive_interval=_integer(values, "ssh_server_alive_interval", 15, 0, 3600),
+            ssh_server_alive_count_max=_integer(values, "ssh_server_alive_count_max", 4, 1, 100),
+            copy_retry_times=_integer(values, "copy_retry_times", 2, 0, 100),
+            copy_retry_sleep=_integer(values, "copy_retry_sleep", 5, 0, 3600),
             max_recoveries_per_host=_integer(values, "max_recoveries_per_host", 4, 1, 1000),
+            max_queued_per_host=_integer(values, "max_queued_per_host", 16, 0, 10000),
+            max_queued=_integer(values, "max_queued", 64, 0, 10000),
             servers=servers,
         )
 

@@ -8,7 +8,9 @@ specially. The operator may enable more `-o` options by name (`ssh_options`); th
 commands, load code, forward ports or take arbitrary files never pass.
 
 Which host, port and user the command reaches is not re-derived here: `ssh -G` (ssh's own
-parser, no connection) resolves the same arguments, as Barman's ssh will.
+parser, no connection) resolves the same arguments, as Barman's ssh will; the address ssh then
+connects to is looked up as ssh looks it up (getaddrinfo, in ssh's AddressFamily), so that every
+spelling of one address is one target.
 """
 
 from __future__ import annotations
@@ -17,13 +19,14 @@ import ipaddress
 import os
 import pwd
 import re
+import socket
 import subprocess
 import threading
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, FrozenSet, Iterable, List, Optional, Tuple
 
-from pg_backup_api.errors import ApiError, InvalidRequest
+from pg_backup_api.errors import ApiError, InvalidRequest, Unprocessable
 
 FIELD = "remote_ssh_command"
 SAFE_CHARS = re.compile(r"[A-Za-z0-9._/=:@,+ -]")
@@ -88,17 +91,13 @@ class SshCommand:
 
 @dataclass(frozen=True)
 class SshTarget:
-    """Where ssh says the command goes (`ssh -G`): what the one-recovery-per-destination rule uses."""
+    """Where ssh says the command goes (`ssh -G`): the host policy and the claims start from it."""
 
     user: str
     host: str  # the resolved HostName
     port: int
     alias: str  # the host as typed
-
-    @property
-    def key(self) -> str:
-        # The login user does not change which directory on which host is written.
-        return f"{self.host}:{self.port}"
+    address_family: str = "any"  # ssh's AddressFamily: any, inet or inet6
 
 
 def _refuse(detail: str) -> InvalidRequest:
@@ -311,12 +310,12 @@ def _run_ssh_g(command: SshCommand) -> SshTarget:
     resolved: Dict[str, str] = {}
     for line in done.stdout.splitlines():
         key, _, value = line.partition(" ")
-        if key in ("user", "hostname", "port") and key not in resolved:
+        if key in ("user", "hostname", "port", "addressfamily") and key not in resolved:
             resolved[key] = value.strip()
     if not resolved.get("hostname") or not resolved.get("port", "").isdigit():
         raise ApiError(f"cannot resolve field '{FIELD}': `ssh -G` printed no hostname and port")
     return SshTarget(resolved.get("user", ""), canonical_host(resolved["hostname"]), int(resolved["port"]),
-                     command.host)
+                     command.host, resolved.get("addressfamily", "any"))
 
 
 def canonical_host(host: str) -> str:
@@ -325,3 +324,59 @@ def canonical_host(host: str) -> str:
         return str(ipaddress.ip_address(host))
     except ValueError:
         return host.lower().rstrip(".")
+
+
+
+# getaddrinfo's family for each of ssh's AddressFamily values (ssh asks getaddrinfo the same way).
+FAMILIES = {"any": socket.AF_UNSPEC, "inet": socket.AF_INET, "inet6": socket.AF_INET6}
+# Every loopback address reaches the Barman host itself, however it is spelt: one target.
+LOOPBACK = "127.0.0.1"
+
+
+def canonical_address(text: str) -> str:
+    """One spelling per address (ValueError if *text* is none): an IPv4-mapped IPv6 address is its IPv4
+    address (the kernel connects it over IPv4), IPv6 compressed and lower-case, any loopback address 127.0.0.1."""
+    address = ipaddress.ip_address(text)
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return LOOPBACK if address.is_loopback else str(address)
+
+
+def addresses_of(host: str, port: int, family: str) -> List[str]:
+    """The addresses getaddrinfo gives for *host*, asked as ssh asks; socket.gaierror if there are none."""
+    found = socket.getaddrinfo(host, port, FAMILIES.get(family, socket.AF_UNSPEC), socket.SOCK_STREAM)
+    return [str(sockaddr[0]).split("%", 1)[0] for _, _, _, _, sockaddr in found]
+
+
+def connect_address(target: SshTarget) -> str:
+    """The address ssh connects to for *target*, canonical: what claims and host slots are keyed on.
+
+    A name with several addresses is keyed on the lowest of them (IPv4 first), whatever order the
+    resolver answers in. A name that does not resolve is a 422 (ssh could not connect either); an
+    unspecified address (`0`, `0.0.0.0`, `::`), which connects to the Barman host itself, is refused (400).
+    """
+    try:
+        found = addresses_of(target.host, target.port, target.address_family)
+    except (socket.gaierror, UnicodeError) as exc:
+        why = exc.strerror if isinstance(exc, socket.gaierror) else str(exc)
+        raise Unprocessable(f"field '{FIELD}': host '{target.host}' does not resolve ({why}): "
+                            "ssh could not connect to it") from None
+    addresses = set()
+    for text in found:
+        try:
+            address = canonical_address(text)
+        except ValueError:
+            continue  # not an IPv4 or IPv6 address: ssh does not connect over it
+        if ipaddress.ip_address(address).is_unspecified:
+            raise _refuse(f"host '{target.alias}' is the unspecified address {address}, which connects to the "
+                          "Barman host itself: name the target host")
+        addresses.add(address)
+    if not addresses:
+        raise Unprocessable(f"field '{FIELD}': host '{target.host}' has no IPv4 or IPv6 address: "
+                            "ssh could not connect to it")
+    return min(addresses, key=lambda a: (ipaddress.ip_address(a).version, ipaddress.ip_address(a)))
+
+
+def endpoint(address: str, port: int) -> str:
+    """`address:port`, an IPv6 address in brackets: the target one recovery per destination is keyed on."""
+    return f"[{address}]:{port}" if ":" in address else f"{address}:{port}"

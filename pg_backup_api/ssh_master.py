@@ -34,10 +34,11 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 from pg_backup_api import processes, ssh_command
 from pg_backup_api.errors import ApiError
+from pg_backup_api.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -164,6 +165,7 @@ class Master:
         self.stderr: Any = None
         self.retries: List[str] = []
         self.timeout = START_TIMEOUT
+        self.unreachable = False  # the last start failed to connect (not a mux problem): a direct ssh fails too
 
     def start(self, timeout: float = START_TIMEOUT) -> Optional[str]:
         """Start the master and wait until it carries a session; None then, else why it is not used."""
@@ -184,6 +186,7 @@ class Master:
             if why is None:
                 break
             if delay is None or not RETRYABLE.search(why) or time.monotonic() + delay > deadline:
+                self.unreachable = True
                 return why
             # sshd drops connections beyond MaxStartups during the key exchange: a burst of
             # recoveries to one host gets through when each comes back a little later.
@@ -260,23 +263,57 @@ class Plan:
 
     job: Dict[str, Any]
     note: str  # the line the operation's output starts with; empty for operations without ssh
+    # `barman restore --retry-times/--retry-sleep`: a copy cut off with its connection is copied again.
+    copy_retry: Optional[Tuple[int, int]] = None
+    master: Optional["Master"] = None
+    # Why the master could not connect, if that is why the ssh is not multiplexed: a failed operation's
+    # reason says it too (Barman's own says only that it could not connect).
+    unreachable: Optional[str] = None
+
+    def afterwards(self) -> str:
+        """For the output once barman has ended: how the master ended if it did while barman ran."""
+        if self.master is None or self.master.proc is None or self.master.proc.poll() is None:
+            return ""
+        code = self.master.proc.returncode
+        how = f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with code {code}"
+        copies = (f"a copy cut off with it is retried (--retry-times={self.copy_retry[0]})" if self.copy_retry
+                  else "a copy cut off with it fails (copy_retry_times = 0)")
+        return (f"pg-backup-api: the ssh master connection {how} while barman ran: barman's later ssh and rsync "
+                f"connected directly, and {copies}\n")
 
 
-def enabled() -> bool:
-    """The `ssh_multiplex` setting as the service reads it (the worker inherits its environment)."""
-    from pg_backup_api.settings import Settings
-
+def settings() -> Settings:
+    """The service's settings as the service reads them (the worker inherits its environment)."""
     try:
-        return Settings.from_env().ssh_multiplex
+        return Settings.from_env()
     except ValueError as exc:
-        log.warning("cannot read the service settings (%s): ssh_multiplex keeps its default, on", exc)
-        return True
+        log.warning("cannot read the service settings (%s): the ssh settings keep their defaults", exc)
+        return Settings()
+
+
+def timeout_options(config: Settings) -> List[str]:
+    """The `-o` options of ssh_connect_timeout and the keepalives: a port that accepts TCP but never
+    speaks ssh, or a connection gone silent, ends the operation's ssh instead of holding its slot."""
+    options = []
+    if config.ssh_connect_timeout:
+        options += ["-o", f"ConnectTimeout={config.ssh_connect_timeout}"]
+    if config.ssh_server_alive_interval:
+        options += ["-o", f"ServerAliveInterval={config.ssh_server_alive_interval}",
+                    "-o", f"ServerAliveCountMax={config.ssh_server_alive_count_max}"]
+    return options
+
+
+def bounded(command: ssh_command.SshCommand, options: List[str]) -> ssh_command.SshCommand:
+    """*command* with *options* first: ssh keeps the first value it reads, so the client's own
+    ConnectTimeout or ServerAliveInterval cannot lift the service's."""
+    return ssh_command.SshCommand((command.argv[0], *options, *command.argv[1:]), command.host)
 
 
 @contextmanager
 def multiplexed(op_type: str, job: Dict[str, Any], barman_home: Path, server: Optional[str], op_id: str,
-                store: Any = None, on: Optional[bool] = None) -> Iterator[Plan]:
-    """For the duration of the block, the job Barman runs with (its ssh multiplexed when possible).
+                store: Any = None, config: Optional[Settings] = None) -> Iterator[Plan]:
+    """For the duration of the block, the job Barman runs with (its ssh multiplexed when possible and
+    bounded by the service's ssh timeouts), under the service's settings *config* (read when None).
 
     With the operation's *store*: the worker is recorded before the master starts, so that a cancel
     meanwhile stops the master with the rest of the group; nothing starts once a cancel is
@@ -287,7 +324,7 @@ def multiplexed(op_type: str, job: Dict[str, Any], barman_home: Path, server: Op
         if store.cancel_requested(op_id):
             yield Plan(job, "")
             return
-    with _plan(op_type, job, barman_home, server, op_id, on) as plan:
+    with _plan(op_type, job, barman_home, server, op_id, settings() if config is None else config) as plan:
         if plan.note and store is not None:
             with open(store.progress_path(op_id), "ab") as f:
                 f.write(plan.note.encode())
@@ -296,20 +333,25 @@ def multiplexed(op_type: str, job: Dict[str, Any], barman_home: Path, server: Op
 
 @contextmanager
 def _plan(op_type: str, job: Dict[str, Any], barman_home: Path, server: Optional[str], op_id: str,
-          on: Optional[bool]) -> Iterator[Plan]:
+          config: Settings) -> Iterator[Plan]:
     field = SSH_FIELDS.get(op_type)
     if field is None or not job.get(field):
         yield Plan(job, "")
         return
-    if not (enabled() if on is None else on):
-        yield Plan(job, "pg-backup-api: ssh multiplexing is off (ssh_multiplex = off): "
-                        "barman opens its own ssh connections\n")
-        return
+    retry = (config.copy_retry_times, config.copy_retry_sleep) if config.copy_retry_times else None
     try:
         # Validated at request time against the server's policy; parsed again for its tokens.
         command = ssh_command.parse(job[field], ssh_command.ENABLEABLE)
     except ApiError as exc:
-        yield Plan(job, f"pg-backup-api: ssh not multiplexed ({exc.message}): barman runs {field} as sent\n")
+        yield Plan(job, f"pg-backup-api: ssh not multiplexed ({exc.message}): barman runs {field} as sent\n", retry)
+        return
+    options = timeout_options(config)
+    command = bounded(command, options)
+    plain = {**job, field: " ".join(command.argv)}
+    with_options = f" (with {' '.join(options)})" if options else ""
+    if not config.ssh_multiplex:
+        yield Plan(plain, f"pg-backup-api: ssh multiplexing is off (ssh_multiplex = off): barman opens its own ssh "
+                          f"connections{with_options}\n", retry)
         return
     sock = socket_path(barman_home, server, op_id)
     master = Master(command, sock, {**os.environ, processes.MARKER_VARIABLE: f"{server or ''}/{op_id}"})
@@ -321,11 +363,13 @@ def _plan(op_type: str, job: Dict[str, Any], barman_home: Path, server: Optional
             retried = "".join(f"pg-backup-api: ssh master: {r}\n" for r in master.retries)
             yield Plan({**job, field: mux_command(command, sock)},
                        f"{retried}pg-backup-api: ssh multiplexed: one master connection to {command.host} "
-                       f"carries every ssh and rsync of barman (up in {time.monotonic() - started:.2f} s)\n")
+                       f"carries every ssh and rsync of barman (up in {time.monotonic() - started:.2f} s)\n",
+                       retry, master)
         else:
             master.stop()
             log.warning("operation %s: ssh not multiplexed: %s", op_id, why)
             retried = "".join(f"pg-backup-api: ssh master: {r}\n" for r in master.retries)
-            yield Plan(job, f"{retried}pg-backup-api: ssh not multiplexed ({why}): barman runs {field} as sent\n")
+            yield Plan(plain, f"{retried}pg-backup-api: ssh not multiplexed ({why}): barman runs {field} as "
+                              f"sent{with_options}\n", retry, unreachable=why if master.unreachable else None)
     finally:
         master.stop()

@@ -17,6 +17,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import select
 import threading
 import weakref
 from pathlib import Path
@@ -66,6 +67,15 @@ class FolderWatch:
             names, self._names = self._names, {}
         appeared = {n for n, present in names.items() if present}
         return appeared, set(names) - appeared
+
+    def wait(self, timeout: float, wake_fd: Optional[int] = None) -> Optional[Changes]:
+        """The changes since the last call, at once if there are some, else once the kernel reports one,
+        *wake_fd* is readable or *timeout* seconds have passed (then possibly none); None as changes() says."""
+        changed = self.changes()
+        if changed is None or changed[0] or changed[1]:
+            return changed
+        select.select([self._hub.inotify.fileno(), *(() if wake_fd is None else (wake_fd,))], [], [], timeout)
+        return self.changes()
 
     @property
     def usable(self) -> bool:

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import getpass
+import hashlib
+import ipaddress
+import socket
 import textwrap
 import time
 from dataclasses import dataclass, field
@@ -11,7 +14,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import pytest
 
-from pg_backup_api import create_app, effects, target_probe
+from pg_backup_api import create_app, effects, ssh_command, target_probe
 from pg_backup_api.errors import Unprocessable
 from pg_backup_api.settings import Settings
 
@@ -97,6 +100,32 @@ class BarmanFiles:
         if name:
             info["backup_name"] = name
         (meta / f"{backup_id}-backup.info").write_text("".join(f"{k}={v}\n" for k, v in info.items()))
+
+
+def address_in_tests(host: str) -> str:
+    """The address a host name of the unit tests resolves to: one of 198.18.0.0/15 (set aside for tests) of its own."""
+    digest = int.from_bytes(hashlib.sha256(host.lower().encode()).digest()[:2], "big")
+    return str(ipaddress.ip_address("198.18.0.0") + digest * 2 + 1)
+
+
+@pytest.fixture(autouse=True)
+def name_resolution(request, monkeypatch) -> None:
+    """Unit tests name hosts such as db2 that no resolver knows: each resolves to address_in_tests(name), a
+    name under .invalid to nothing, an address to itself. The end-to-end tests resolve for real."""
+    if request.node.get_closest_marker("e2e"):
+        return
+    real = ssh_command.addresses_of
+
+    def addresses_of(host: str, port: int, family: str) -> list:
+        try:
+            socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM, 0, socket.AI_NUMERICHOST)
+        except socket.gaierror:  # a name, not an address in any spelling getaddrinfo reads
+            if host.lower().rstrip(".").endswith(".invalid"):
+                raise socket.gaierror(socket.EAI_NONAME, "Name or service not known") from None
+            return [address_in_tests(host)]
+        return real(host, port, family)
+
+    monkeypatch.setattr(ssh_command, "addresses_of", addresses_of)
 
 
 @pytest.fixture

@@ -118,8 +118,9 @@ def test_recover_posts_every_option_with_its_json_name_and_prints_the_id(url, ba
     assert code == 0
     op_id = out.strip()
     stored = job(barman_files, op_id)
-    assert {k: v for k, v in stored.items() if k not in ("operation_type", "start_time", "resolved_backup_id",
-                                                           "resolved_destination_directory")} \
+    recorded = ("operation_type", "start_time", "resolved_backup_id", "resolved_destination_directory",
+                "target_address")
+    assert {k: v for k, v in stored.items() if k not in recorded} \
         == {"backup_id": "latest", "destination_directory": "/srv/pg/restore", "remote_ssh_command": SSH,
             "target_time": "2026-11-27T04:00:00+00:00", "target_action": "promote", "exclusive": True,
             "target_tli": "latest", "standby_mode": True, "get_wal": False, "bwlimit": 100, "jobs": 4,
@@ -133,7 +134,7 @@ def test_recover_sends_only_what_was_given(url, barman_files, capsys):
     assert main([*RECOVER, "--url", url, "--destination", "/srv/pg/a"]) == 0
     stored = job(barman_files, capsys.readouterr().out.strip())
     assert set(stored) == {"backup_id", "destination_directory", "remote_ssh_command", "operation_type",
-                           "start_time", "resolved_backup_id", "resolved_destination_directory"}
+                           "start_time", "resolved_backup_id", "resolved_destination_directory", "target_address"}
     assert main([*RECOVER, "--url", url, "--destination", "/srv/pg/b", "--target-immediate",
                  "--target-tli", "2", "--get-wal"]) == 0
     stored = job(barman_files, capsys.readouterr().out.strip())

@@ -29,7 +29,7 @@ from pg_backup_api.settings import Settings
 from .conftest import ROOT, install_stand_in_barman, operation_ended, operation_status, wait_for
 
 BODY = {"type": "recovery", "backup_id": "latest", "destination_directory": "/srv/pg/restore",
-        "remote_ssh_command": "ssh postgres@db2"}
+        "remote_ssh_command": "ssh postgres@10.0.0.2"}
 
 # The stand-in barman: notes each start (pid and arguments), then does what FAKE_BARMAN_MODE says.
 FAKE_BARMAN = textwrap.dedent("""\
@@ -103,7 +103,7 @@ def write_job(barman_files, op_id, started, body=BODY):
     jobs = barman_files.home / "pg" / "jobs"
     jobs.mkdir(parents=True, exist_ok=True)
     (jobs / f"{op_id}.json").write_text(json.dumps(
-        {"operation_type": "recovery", "start_time": timestamp(started), **body}))
+        {"operation_type": "recovery", "start_time": timestamp(started), "target_address": "10.0.0.2", **body}))
 
 
 def spawn_real_worker(barman_files, op_id):

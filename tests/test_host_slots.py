@@ -21,7 +21,7 @@ from pg_backup_api.settings import Settings
 
 from .conftest import install_stand_in_barman, operation_ended, operation_status, wait_for
 
-BODY = {"type": "recovery", "backup_id": "latest", "remote_ssh_command": "ssh postgres@db2"}
+BODY = {"type": "recovery", "backup_id": "latest", "remote_ssh_command": "ssh postgres@10.0.0.2"}
 
 # Notes its start, then copies until the gate named after its destination directory is opened.
 GATED_BARMAN = textwrap.dedent("""\
@@ -59,8 +59,8 @@ def gated(tmp_path, monkeypatch, barman_files) -> Gated:
     monkeypatch.setenv("FAKE_BARMAN_STARTS", str(fake.starts_file))
     monkeypatch.setenv("FAKE_GATE", str(fake.gates))
     yield fake
-    for destination in ("a", "b", "c", "d"):
-        fake.open(f"/srv/pg/{destination}")  # let every worker end
+    for gate in "abcdefghij":
+        fake.open(f"/srv/pg/{gate}")  # let every worker end
 
 
 @pytest.fixture
@@ -99,8 +99,9 @@ def test_beyond_the_limit_recoveries_wait_queued_in_arrival_order(client, gated)
         assert (status(client, op_id)["status"], status(client, op_id)["state"]) == ("IN_PROGRESS", "running")
     for op_id, place in ((c, 1), (d, 2)):
         doc = status(client, op_id)
-        assert (doc["status"], doc["state"], doc["phase"]) == ("IN_PROGRESS", "queued", "waiting for a slot on db2")
-        assert doc["output_tail"][-1] == (f"pg-backup-api: waiting for a slot on db2 (2 recoveries run there, at "
+        assert (doc["status"], doc["state"]) == ("IN_PROGRESS", "queued")
+        assert doc["phase"] == "waiting for a slot on 10.0.0.2"
+        assert doc["output_tail"][-1] == (f"pg-backup-api: waiting for a slot on 10.0.0.2 (2 recoveries run there, at "
                                           f"most 2 at once: max_recoveries_per_host); number {place} in the queue")
     listed = client.get("/servers/pg/operations?status=IN_PROGRESS").json["operations"]
     assert [o["id"] for o in listed] == [a, b, c, d]
@@ -122,8 +123,8 @@ def test_an_ended_recovery_hands_its_slot_to_the_first_in_the_queue(client, gate
         assert ended(client, op_id)["status"] == "DONE"
     # The wait is part of the operation's output.
     output = status(client, d)["output"]
-    assert "pg-backup-api: waiting for a slot on db2 (" in output
-    assert "pg-backup-api: got a slot on db2 after " in output
+    assert "pg-backup-api: waiting for a slot on 10.0.0.2 (" in output
+    assert "pg-backup-api: got a slot on 10.0.0.2 after " in output
 
 
 def test_a_queued_recovery_can_be_canceled_and_never_starts(client, gated):
@@ -195,3 +196,130 @@ def test_an_unreadable_slot_counts_as_running_and_doctor_lists_and_moves_it(barm
     assert f"FAIL state-files: {path} cannot be read" in capsys.readouterr().out
     assert cli.main(["doctor", "--fix"]) == 0
     assert not path.exists()
+
+
+def count_opens(path: Path):
+    """Start counting the opens of *path* (by any process); the callable returned says how many so far."""
+    import inotify_simple
+
+    flags = inotify_simple.flags
+    notify = inotify_simple.INotify(nonblocking=True)
+    # With the closes watched too, no two events in a row are alike: the kernel merges those that are.
+    notify.add_watch(path, flags.OPEN | flags.CLOSE_WRITE | flags.CLOSE_NOWRITE)
+    seen = [0]
+
+    def opens() -> int:
+        seen[0] += sum(1 for event in notify.read(timeout=0) if event.mask & flags.OPEN)
+        return seen[0]
+
+    return opens
+
+
+def test_a_queued_recovery_waits_without_polling(client, gated, barman_files):
+    a, b, c, d = post_four(client, gated)
+    lock = barman_files.home / "jobs" / claims.CLAIMS_DIR / claims.LOCK_FILE
+    opens = count_opens(lock)
+    time.sleep(3)  # c and d wait meanwhile: they ask for a slot (under the claims' lock) only when one is freed
+    assert opens() <= 2  # each may ask once more right after its watch is set up, then sleeps
+    gated.open("/srv/pg/a")
+    wait_for(lambda: len(gated.started()) == 3)  # a's slot given back wakes c at once
+    assert status(client, c)["state"] == "running"
+
+
+@pytest.fixture
+def bounded(tmp_path, monkeypatch, barman_files):
+    """Workers and service agree: 2 recoveries at once per host, at most 2 waiting per host and 3 in all."""
+    limits = "max_recoveries_per_host = 2\nmax_queued_per_host = 2\nmax_queued = 3\n"
+    install_stand_in_barman(tmp_path, monkeypatch, barman_files, GATED_BARMAN, f"[api]\n{limits}")
+    fake = Gated(tmp_path)
+    monkeypatch.setenv("FAKE_BARMAN_STARTS", str(fake.starts_file))
+    monkeypatch.setenv("FAKE_GATE", str(fake.gates))
+    settings = Settings(barman_conf=str(barman_files.conf), max_recoveries_per_host=2, max_queued_per_host=2,
+                        max_queued=3)
+    yield create_app(settings).test_client(), fake
+    for gate in "abcdefghij":
+        fake.open(f"/srv/pg/{gate}")
+
+
+def test_a_recovery_beyond_the_queue_bounds_is_a_429_with_retry_after_and_stores_nothing(bounded, barman_files):
+    client, gated = bounded
+
+    def post(destination: str, host: str):
+        body = {**BODY, "destination_directory": f"/srv/pg/{destination}", "remote_ssh_command": f"ssh pg@{host}"}
+        return client.post("/servers/pg/operations", json=body)
+
+    for destination in "abcd":  # a and b run on 10.0.0.2, c and d wait there
+        assert post(destination, "10.0.0.2").status_code == 202
+    jobs = sorted((barman_files.home / "pg" / "jobs").glob("*.json"))
+    refused = post("e", "10.0.0.2")
+    assert (refused.status_code, refused.headers["Retry-After"]) == (429, str(claims.QUEUE_RETRY_AFTER))
+    assert refused.json["error"].startswith("2 recoveries wait for a slot on 10.0.0.2 already (max_queued_per_host")
+    assert sorted((barman_files.home / "pg" / "jobs").glob("*.json")) == jobs
+    for destination in "fgh":  # f and g run on another host, h waits there: 3 wait in all
+        assert post(destination, "10.0.0.3").status_code == 202
+    refused = post("i", "10.0.0.3")
+    assert refused.status_code == 429
+    assert refused.json["error"].startswith("3 recoveries wait for a slot already, on all hosts together")
+    # A recovery that would start at once is never refused: a third host is free.
+    assert post("j", "10.0.0.4").status_code == 202
+    # Once one of the waiting ones is canceled, there is room again.
+    def queued() -> list:
+        return [op["id"] for op in client.get("/servers/pg/operations").json["operations"]
+                if client.get(f"/servers/pg/operations/{op['id']}").json["state"] == "queued"]
+
+    waiting = wait_for(lambda: len(queued()) == 3 and queued())
+    assert client.post(f"/servers/pg/operations/{waiting[0]}/cancel").status_code == 200
+    assert post("e", "10.0.0.2").status_code == 202
+
+
+def test_the_queue_bounds_come_from_the_settings_file_and_the_environment(tmp_path):
+    conf = tmp_path / "api.conf"
+    conf.write_text("[api]\nmax_queued_per_host = 3\nmax_queued = 0\n")
+    settings = Settings.from_env({"PG_BACKUP_API_CONFIG": str(conf), "PG_BACKUP_API_MAX_QUEUED": "7"})
+    assert (settings.max_queued_per_host, settings.max_queued) == (3, 7)
+    assert (Settings.from_env({}).max_queued_per_host, Settings.from_env({}).max_queued) == (16, 64)
+    conf.write_text("[api]\nmax_queued = -1\n")
+    with pytest.raises(ValueError, match="max_queued must be an integer from 0 to 10000"):
+        Settings.from_env({"PG_BACKUP_API_CONFIG": str(conf)})
+
+
+def test_a_wait_for_a_slot_ends_when_a_slot_file_is_removed_or_a_signal_arrives(tmp_path):
+    import threading
+
+    host = tmp_path / "host"
+    host.mkdir()
+    held = host / f"20261127T093201.abc{claims.SLOT_SUFFIX}"
+    held.write_text("{}")
+    waits = claims.SlotWaits(host)
+    readable, writable = os.pipe()
+
+    def waiting() -> threading.Thread:
+        thread = threading.Thread(target=waits.wait, args=(600, readable))
+        thread.start()
+        return thread
+
+    try:
+        thread = waiting()
+        (host / f"20261127T093202.abc{claims.SLOT_SUFFIX}").write_text("{}")  # a new arrival frees nothing
+        held.write_text('{"running": true}')  # nor does a slot taken
+        time.sleep(0.5)
+        assert thread.is_alive()
+        held.unlink()  # a slot given back
+        thread.join(10)
+        assert not thread.is_alive()
+        thread = waiting()
+        os.write(writable, b"\x0f")  # what the interpreter writes on SIGTERM (signal.set_wakeup_fd)
+        thread.join(10)
+        assert not thread.is_alive()
+        assert os.read(readable, 16) == b"\x0f"  # drained: the next wait is not woken by it
+        # Without a watch (no inotify, no such folder), the wait still ends: it looks again a while later.
+        unwatched = claims.SlotWaits(tmp_path / "no-such-host")
+        thread = threading.Thread(target=unwatched.wait, args=(600, readable))
+        thread.start()
+        thread.join(10)
+        assert not thread.is_alive()
+    finally:
+        os.write(writable, b"\0")
+        waits.close()
+        os.close(readable)
+        os.close(writable)

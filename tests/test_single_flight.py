@@ -83,6 +83,54 @@ def test_another_process_running_the_same_read_gets_429_with_retry_after(barman_
     assert second.get("/servers/pg/check").status_code == 200  # free again once the first ended
 
 
+def test_concurrent_requests_for_one_backup_share_one_show_backup_run(barman_files, spawned, monkeypatch):
+    barman_files.add_backup("20261127T010000")
+    client = create_app(Settings(barman_conf=str(barman_files.conf)), spawn=spawned)
+    runs, release = [], threading.Event()
+
+    def slow_barman(config_path, *args, timeout=120, json_format=True):
+        runs.append(args)
+        release.wait(10)
+        return {"pg": {"backup_id": args[-1], "status": "DONE"}}
+
+    monkeypatch.setattr(barman_adapter, "barman_json", slow_barman)
+    with ThreadPoolExecutor(20) as pool:
+        # The id and the alias name one backup: one run for both.
+        futures = [pool.submit(client.test_client().get, f"/servers/pg/backups/{b}")
+                   for b in ["20261127T010000", "latest"] * 10]
+        threading.Timer(0.5, release.set).start()
+        answers = [f.result(timeout=10) for f in futures]
+    assert [a.status_code for a in answers] == [200] * 20
+    assert {a.json["backup_id"] for a in answers} == {"20261127T010000"}
+    assert runs == [("show-backup", "--", "pg", "20261127T010000")]
+
+
+def test_another_process_showing_the_same_backup_gets_429_with_retry_after(barman_files, spawned, monkeypatch):
+    barman_files.add_backup("20261127T010000")
+    barman_files.add_backup("20261128T010000")
+    first = create_app(Settings(barman_conf=str(barman_files.conf)), spawn=spawned).test_client()
+    second = create_app(Settings(barman_conf=str(barman_files.conf)), spawn=spawned).test_client()
+    entered, release = threading.Event(), threading.Event()
+
+    def slow_barman(config_path, *args, timeout=120, json_format=True):
+        if args[-1] == "20261127T010000":
+            entered.set()
+            release.wait(10)
+        return {"pg": {"backup_id": args[-1]}}
+
+    monkeypatch.setattr(barman_adapter, "barman_json", slow_barman)
+    with ThreadPoolExecutor(1) as pool:
+        running = pool.submit(first.get, "/servers/pg/backups/20261127T010000")
+        assert entered.wait(10)
+        busy = second.get("/servers/pg/backups/20261127T010000")
+        other_backup = second.get("/servers/pg/backups/20261128T010000")
+        release.set()
+        assert running.result(timeout=10).status_code == 200
+    assert (busy.status_code, busy.headers["Retry-After"]) == (429, "5")
+    assert "barman show-backup of backup '20261127T010000' is already running" in busy.json["error"]
+    assert other_backup.status_code == 200
+
+
 def test_a_read_that_hangs_is_stopped_after_check_timeout(barman_files, spawned, tmp_path, monkeypatch):
     hanging = tmp_path / "barman"
     hanging.write_text("#!/bin/sh\nexec sleep 30\n")

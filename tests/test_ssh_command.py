@@ -1,15 +1,17 @@
 """remote_ssh_command reaches /bin/sh on the Barman host: only plain ssh invocations pass,
 and where one goes is what `ssh -G` says, not what a second parser guesses."""
 
+import ipaddress
 import json
 import os
+import socket
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pg_backup_api import create_app, ssh_command
-from pg_backup_api.errors import InvalidRequest
+from pg_backup_api.errors import InvalidRequest, Unprocessable
 from pg_backup_api.settings import ServerPolicy, Settings
 from pg_backup_api.ssh_command import ENABLEABLE, NEVER, SshCommand, check_format, option_names, parse, resolve
 
@@ -245,11 +247,86 @@ def test_an_unknown_or_never_allowed_option_name_stops_the_service_at_start_up(t
 
 def test_two_spellings_of_one_port_resolve_to_one_target():
     # ssh keeps the first value it obtains: -o Port=2222 wins over the later -p 22.
-    assert resolve(parse("ssh -p 2222 postgres@db2")).key == "db2:2222"
-    assert resolve(parse("ssh -o Port=2222 -p 22 postgres@db2")).key == "db2:2222"
-    assert resolve(parse("ssh -p 22 -o Port=2222 postgres@db2")).key == "db2:22"
-    assert resolve(parse("ssh postgres@DB2")).key == "db2:22"
-    assert resolve(parse("ssh pg@2001:db8:0:0::1")).key == resolve(parse("ssh pg@2001:db8::1")).key
+    def where(command):
+        target = resolve(parse(command))
+        return target.host, target.port
+
+    assert where("ssh -p 2222 postgres@db2") == ("db2", 2222)
+    assert where("ssh -o Port=2222 -p 22 postgres@db2") == ("db2", 2222)
+    assert where("ssh -p 22 -o Port=2222 postgres@db2") == ("db2", 22)
+    assert where("ssh postgres@DB2") == ("db2", 22)
+    assert where("ssh pg@2001:db8:0:0::1") == where("ssh pg@2001:db8::1")
+
+
+# -- the address ssh connects to ---------------------------------------------------------------
+
+REAL_ADDRESSES_OF = ssh_command.addresses_of  # before the unit tests' fake resolver replaces it
+
+
+def address(command, enabled=()):
+    return ssh_command.connect_address(resolve(parse(command, enabled)))
+
+
+@given(st.integers(min_value=0, max_value=2**32 - 1))
+def test_every_spelling_of_an_ipv4_address_is_one_key(number):
+    ipv4 = ipaddress.IPv4Address(number)
+    mapped = ipaddress.IPv6Address(0xFFFF00000000 | number)
+    spellings = {str(ipv4), f"::ffff:{ipv4}", str(mapped), mapped.exploded, mapped.exploded.upper(),
+                 f"0:0:0:0:0:ffff:{ipv4}", str(number)}
+    keys = {ssh_command.canonical_address(REAL_ADDRESSES_OF(s, 22, "any")[0]) for s in spellings}
+    expected = "127.0.0.1" if ipv4.is_loopback else str(ipv4)
+    assert keys == {expected}
+
+
+@given(st.integers(min_value=0, max_value=2**128 - 1))
+def test_every_spelling_of_an_ipv6_address_is_its_compressed_form(number):
+    ipv6 = ipaddress.IPv6Address(number)
+    key = ssh_command.canonical_address(ipv6.exploded.upper())
+    assert key == ssh_command.canonical_address(str(ipv6))
+    if ipv6.ipv4_mapped is None and not ipv6.is_loopback:
+        assert key == ipv6.compressed
+
+
+def test_an_ipv4_mapped_spelling_reaches_the_same_key_as_the_ipv4_address():
+    assert address("ssh postgres@::ffff:10.0.0.5") == address("ssh postgres@10.0.0.5") == "10.0.0.5"
+    assert address("ssh postgres@0:0:0:0:0:ffff:a00:5") == "10.0.0.5"
+    # Every loopback address is the Barman host itself.
+    assert {address(f"ssh postgres@{h}") for h in ("127.0.0.1", "127.1", "127.0.0.2", "::1", "::ffff:127.0.0.1",
+                                                   "2130706433", "0x7f000001")} == {"127.0.0.1"}
+
+
+@pytest.mark.parametrize("host", ["0", "0.0.0.0", "::", "0:0:0:0:0:0:0:0", "::ffff:0.0.0.0", "0x0"])
+def test_an_unspecified_address_is_refused_as_a_target(host):
+    with pytest.raises(InvalidRequest, match="remote_ssh_command.*unspecified address"):
+        address(f"ssh postgres@{host}")
+
+
+def test_a_name_that_does_not_resolve_is_a_422_naming_it():
+    with pytest.raises(Unprocessable, match="remote_ssh_command.*'no-such-host.invalid' does not resolve"):
+        address("ssh postgres@no-such-host.invalid")
+
+
+def test_a_name_with_several_addresses_is_keyed_on_the_lowest_whatever_the_order(monkeypatch):
+    answers = [["10.0.0.9", "2001:db8::1", "10.0.0.5"], ["2001:db8::1", "10.0.0.5", "10.0.0.9"]]
+    for answer in answers:
+        monkeypatch.setattr(ssh_command, "addresses_of", lambda host, port, family, answer=answer: answer)
+        assert address("ssh postgres@db2") == "10.0.0.5"
+    monkeypatch.setattr(ssh_command, "addresses_of", lambda host, port, family: ["10.0.0.5", "0.0.0.0"])
+    with pytest.raises(InvalidRequest, match="unspecified"):
+        address("ssh postgres@db2")
+
+
+def test_the_address_is_looked_up_in_the_address_family_ssh_uses(monkeypatch):
+    asked = []
+    monkeypatch.setattr(ssh_command, "addresses_of", lambda host, port, family: asked.append(family) or ["::2"])
+    address("ssh -6 postgres@db2")
+    address("ssh -4 postgres@db2")
+    address("ssh postgres@db2")
+    assert asked == ["inet6", "inet", "any"]
+    # The real lookup asks getaddrinfo in that family: an IPv6 address has no IPv4 answer.
+    with pytest.raises(socket.gaierror):
+        REAL_ADDRESSES_OF("::1", 22, "inet")
+    assert REAL_ADDRESSES_OF("::1", 22, "inet6") == ["::1"]
 
 
 def test_the_user_is_the_one_ssh_uses():
@@ -361,6 +438,38 @@ def a_backup(barman_files):
 
 def make_client(barman_files, spawned, **kw):
     return create_app(Settings(barman_conf=str(barman_files.conf), **kw), spawn=spawned).test_client()
+
+
+@pytest.mark.parametrize("spelling", ["::ffff:127.0.0.1", "0:0:0:0:0:ffff:7f00:1", "127.1", "::1"])
+def test_spellings_of_one_address_share_one_claim(a_backup, client, spelling):
+    body = {**BODY, "remote_ssh_command": "ssh -p 2222 postgres@127.0.0.1"}
+    assert client.post("/servers/pg/operations", json=body).status_code == 202
+    other = client.post("/servers/pg/operations",
+                        json={**body, "remote_ssh_command": f"ssh -p 2222 postgres@{spelling}"})
+    assert other.status_code == 409, other.json
+    assert "on 127.0.0.1:2222 is already running" in other.json["error"]
+
+
+@pytest.mark.parametrize("host", ["0", "0.0.0.0", "::"])
+def test_an_unspecified_address_is_a_400_naming_the_field(a_backup, client, host):
+    response = client.post("/servers/pg/operations", json={**BODY, "remote_ssh_command": f"ssh postgres@{host}"})
+    assert response.status_code == 400
+    assert response.json["error"].startswith("field 'remote_ssh_command' is not allowed: host ")
+
+
+def test_a_host_that_does_not_resolve_is_a_422_naming_it(a_backup, client, barman_files):
+    response = client.post("/servers/pg/operations",
+                           json={**BODY, "remote_ssh_command": "ssh postgres@no-such-host.invalid"})
+    assert response.status_code == 422
+    assert "field 'remote_ssh_command': host 'no-such-host.invalid' does not resolve" in response.json["error"]
+    assert list((barman_files.home / "pg" / "jobs").glob("*.json")) == []
+
+
+def test_the_job_records_the_address_ssh_connects_to(a_backup, client, barman_files):
+    body = {**BODY, "remote_ssh_command": "ssh -p 2222 postgres@::ffff:10.1.2.3"}
+    op_id = client.post("/servers/pg/operations", json=body).json["operation_id"]
+    job = json.loads((barman_files.home / "pg" / "jobs" / f"{op_id}.json").read_text())
+    assert (job["target_address"], job["remote_ssh_command"]) == ("10.1.2.3", body["remote_ssh_command"])
 
 
 def test_two_spellings_of_one_destination_are_one_claim(a_backup, client, barman_files):

@@ -9,6 +9,7 @@ import shlex
 import shutil
 import socket
 import stat
+import subprocess
 import tempfile
 import threading
 from pathlib import Path
@@ -25,6 +26,13 @@ from .conftest import BarmanFiles
 CLIENT = "ssh -p 2222 -o ConnectTimeout=5 postgres@db2.example.org"
 # Nothing listens on port 1: a master to it exits at once ("Connection refused").
 REFUSED = "ssh -p 1 -o ConnectTimeout=5 postgres@127.0.0.1"
+ON, OFF = Settings(), Settings(ssh_multiplex=False)
+# What the worker puts first in every ssh command by default (ssh_connect_timeout, the keepalives).
+BOUNDS = "-o ConnectTimeout=10 -o ServerAliveInterval=15 -o ServerAliveCountMax=4"
+
+
+def with_bounds(command: str) -> str:
+    return command.replace("ssh ", f"ssh {BOUNDS} ", 1)
 
 
 @pytest.fixture(autouse=True)
@@ -149,23 +157,23 @@ def test_sweep_removes_sockets_nobody_listens_on_and_keeps_the_rest(tmp_path):
 
 def test_an_operation_without_ssh_runs_unchanged_without_a_note(tmp_path):
     job = {"name": "nightly"}
-    with ssh_master.multiplexed(OperationType.BACKUP, job, tmp_path, "pg", "20261127T093201", on=True) as plan:
+    with ssh_master.multiplexed(OperationType.BACKUP, job, tmp_path, "pg", "20261127T093201", config=ON) as plan:
         assert plan.job is job and plan.note == ""
     assert not ssh_master.socket_dir(tmp_path).exists()
 
 
 def test_with_multiplexing_off_barman_gets_the_clients_command_and_the_output_says_so(tmp_path):
     job = {"remote_ssh_command": CLIENT}
-    with ssh_master.multiplexed(OperationType.RECOVERY, job, tmp_path, "pg", "20261127T093201", on=False) as plan:
-        assert plan.job == job
+    with ssh_master.multiplexed(OperationType.RECOVERY, job, tmp_path, "pg", "20261127T093201", config=OFF) as plan:
+        assert plan.job == {"remote_ssh_command": with_bounds(CLIENT)}
         assert plan.note.startswith("pg-backup-api: ssh multiplexing is off (ssh_multiplex = off)")
     assert not ssh_master.socket_dir(tmp_path).exists()
 
 
 def test_a_master_that_cannot_connect_falls_back_to_the_plain_command_and_says_why(short_tmp):
     job = {"remote_ssh_command": REFUSED}
-    with ssh_master.multiplexed(OperationType.RECOVERY, job, short_tmp, "pg", "20261127T093201", on=True) as plan:
-        assert plan.job == job
+    with ssh_master.multiplexed(OperationType.RECOVERY, job, short_tmp, "pg", "20261127T093201", config=ON) as plan:
+        assert plan.job == {"remote_ssh_command": with_bounds(REFUSED)}
         last = plan.note.splitlines()[-1]
         assert last.startswith("pg-backup-api: ssh not multiplexed (the master connection exited with code 255")
         assert "Connection refused" in last
@@ -200,8 +208,8 @@ def test_a_master_dropped_during_the_key_exchange_is_retried_then_falls_back(sho
     job = {"remote_ssh_command": f"ssh -p {server.port} -o ConnectTimeout=5 postgres@127.0.0.1"}
     try:
         with ssh_master.multiplexed(OperationType.RECOVERY, job, short_tmp, "pg", "20261127T093201",
-                                    on=True) as plan:
-            assert plan.job == job
+                                    config=ON) as plan:
+            assert plan.job == {"remote_ssh_command": with_bounds(job["remote_ssh_command"])}
     finally:
         server.listener.close()
     assert server.accepted == 3
@@ -214,7 +222,7 @@ def test_a_master_dropped_during_the_key_exchange_is_retried_then_falls_back(sho
 
 def test_a_refused_connection_is_retried_a_bounded_number_of_times_and_the_output_says_so(short_tmp):
     with ssh_master.multiplexed(OperationType.RECOVERY, {"remote_ssh_command": REFUSED}, short_tmp, "pg",
-                                "20261127T093201", on=True) as plan:
+                                "20261127T093201", config=ON) as plan:
         lines = plan.note.splitlines()
     assert len(lines) == 3  # two retries (RETRY_DELAYS), then the fallback
     assert all(re.match(r"pg-backup-api: ssh master: the master connection exited with code 255: "
@@ -224,7 +232,7 @@ def test_a_refused_connection_is_retried_a_bounded_number_of_times_and_the_outpu
 
 def test_an_unknown_host_is_not_retried(short_tmp):
     job = {"remote_ssh_command": "ssh -o ConnectTimeout=5 postgres@no-such-host.invalid"}
-    with ssh_master.multiplexed(OperationType.RECOVERY, job, short_tmp, "pg", "20261127T093201", on=True) as plan:
+    with ssh_master.multiplexed(OperationType.RECOVERY, job, short_tmp, "pg", "20261127T093201", config=ON) as plan:
         assert "retried" not in plan.note
         assert plan.note.count("\n") == 1
 
@@ -272,7 +280,7 @@ def test_the_worker_hands_barman_the_rewritten_command_and_records_the_clients(
     monkeypatch.setattr(ssh_master.Master, "start", lambda self, timeout=0: None)  # as if it were up
     output = run(barman_files, recovery)
     sock = ssh_master.socket_path(barman_files.home, "pg", recovery)
-    assert f"ARG --remote-ssh-command=ssh -o ControlMaster=no -o ControlPath={sock} -p 1" in output["output"]
+    assert f"ARG --remote-ssh-command=ssh -o ControlMaster=no -o ControlPath={sock} {BOUNDS} -p 1" in output["output"]
     assert output["output"].startswith("pg-backup-api: ssh multiplexed: one master connection to 127.0.0.1")
     assert output["remote_ssh_command"] == REFUSED
     job = json.loads((barman_files.home / "pg" / "jobs" / f"{recovery}.json").read_text())
@@ -282,14 +290,14 @@ def test_the_worker_hands_barman_the_rewritten_command_and_records_the_clients(
 def test_the_worker_falls_back_when_the_master_fails(recovery, barman_files):
     output = run(barman_files, recovery)
     assert output["state"] == "succeeded"
-    assert f"ARG --remote-ssh-command={REFUSED}" in output["output"]
+    assert f"ARG --remote-ssh-command={with_bounds(REFUSED)}" in output["output"]
     assert "ssh not multiplexed (the master connection exited" in output["output"]
 
 
 def test_the_worker_follows_the_setting(recovery, barman_files, monkeypatch):
     monkeypatch.setenv("PG_BACKUP_API_SSH_MULTIPLEX", "off")
     output = run(barman_files, recovery)
-    assert f"ARG --remote-ssh-command={REFUSED}" in output["output"]
+    assert f"ARG --remote-ssh-command={with_bounds(REFUSED)}" in output["output"]
     assert output["output"].startswith("pg-backup-api: ssh multiplexing is off")
 
 
@@ -315,3 +323,90 @@ def test_no_master_starts_once_a_cancel_is_requested(recovery, barman_files, mon
     output = run(barman_files, recovery, exit_status=1)
     assert output["state"] == "canceled"
     assert output["output"] == "pg-backup-api: barman not started: canceled before barman started\n"
+
+
+# -- timeouts: a port that accepts TCP and never speaks ssh ----------------------------------------
+
+class SilentServer:
+    """A TCP listener on loopback that accepts every connection and never says a word."""
+
+    def __init__(self):
+        self.listener = socket.socket()
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(16)
+        self.port = self.listener.getsockname()[1]
+        self.held = []
+        threading.Thread(target=self.serve, daemon=True).start()
+
+    def serve(self):
+        while True:
+            try:
+                self.held.append(self.listener.accept()[0])
+            except OSError:
+                return
+
+    def close(self):
+        self.listener.close()
+        for conn in self.held:
+            conn.close()
+
+
+def test_a_silent_port_fails_the_master_within_ssh_connect_timeout_and_barman_gets_the_bound_too(short_tmp):
+    server = SilentServer()
+    job = {"remote_ssh_command": f"ssh -p {server.port} postgres@127.0.0.1"}
+    config = Settings(ssh_connect_timeout=1)
+    try:
+        with ssh_master.multiplexed(OperationType.RECOVERY, job, short_tmp, "pg", "20261127T093201",
+                                    config=config) as plan:
+            assert "Connection timed out during banner exchange" in plan.note
+            assert "Connection timed out during banner exchange" in plan.unreachable
+            assert plan.job["remote_ssh_command"].startswith("ssh -o ConnectTimeout=1 -o ServerAliveInterval=15 ")
+    finally:
+        server.close()
+
+
+def test_a_clients_own_timeouts_cannot_lift_the_services():
+    command = ssh_command.parse("ssh -o ConnectTimeout=3600 -o ServerAliveInterval=0 -p 2222 postgres@db2")
+    argv = ssh_master.bounded(command, ssh_master.timeout_options(Settings())).argv
+    # What ssh itself makes of it: it keeps the first value of each option.
+    resolved = dict(line.split(" ", 1) for line in subprocess.run(
+        [argv[0], "-G", *argv[1:]], capture_output=True, text=True, check=True).stdout.splitlines())
+    assert (resolved["connecttimeout"], resolved["serveraliveinterval"], resolved["serveralivecountmax"]) == (
+        "10", "15", "4")
+
+
+def test_the_ssh_timeouts_are_settings_and_zero_turns_them_off(tmp_path):
+    conf = tmp_path / "api.conf"
+    conf.write_text("[api]\nssh_connect_timeout = 0\nssh_server_alive_interval = 0\n")
+    settings = Settings.from_env({"PG_BACKUP_API_CONFIG": str(conf)})
+    assert ssh_master.timeout_options(settings) == []
+    settings = Settings.from_env({"PG_BACKUP_API_SSH_CONNECT_TIMEOUT": "3",
+                                  "PG_BACKUP_API_SSH_SERVER_ALIVE_COUNT_MAX": "2"})
+    assert ssh_master.timeout_options(settings) == ["-o", "ConnectTimeout=3", "-o", "ServerAliveInterval=15",
+                                                    "-o", "ServerAliveCountMax=2"]
+    with pytest.raises(ValueError, match="ssh_server_alive_count_max must be an integer from 1 to 100"):
+        Settings.from_env({"PG_BACKUP_API_SSH_SERVER_ALIVE_COUNT_MAX": "0"})
+
+
+# -- a master lost while barman runs -----------------------------------------------------------------
+
+def test_barman_restore_retries_a_copy_cut_off_with_its_connection(recovery, client, barman_files, monkeypatch):
+    output = run(barman_files, recovery)["output"]
+    assert "ARG --retry-times=2\nARG --retry-sleep=5\n" in output
+    monkeypatch.setenv("PG_BACKUP_API_COPY_RETRY_TIMES", "0")  # the server's basebackup_retry_times then applies
+    body = {"type": "recovery", "backup_id": "latest", "destination_directory": "/srv/pg/other",
+            "remote_ssh_command": REFUSED}
+    other = client.post("/servers/pg/operations", json=body).json["operation_id"]
+    assert "--retry-times" not in run(barman_files, other)["output"]
+
+
+def test_the_output_says_when_the_master_died_while_barman_ran():
+    master = ssh_master.Master(parsed(), Path("/nonexistent/s"), dict(os.environ))
+    master.proc = subprocess.Popen(["sleep", "60"])
+    plan = ssh_master.Plan({}, "", (2, 5), master)
+    assert plan.afterwards() == ""  # alive: nothing to say
+    master.proc.kill()
+    master.proc.wait()
+    assert plan.afterwards() == ("pg-backup-api: the ssh master connection was killed by SIGKILL while barman ran: "
+                                 "barman's later ssh and rsync connected directly, and a copy cut off with it is "
+                                 "retried (--retry-times=2)\n")

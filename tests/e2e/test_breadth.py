@@ -89,3 +89,43 @@ def test_config_switch_and_config_update_change_barmans_configuration(sandbox, s
     finally:
         model.unlink()
         os.chown(server_conf, 0, 0)
+
+
+def test_concurrent_requests_for_one_backup_run_one_barman_show_backup(sandbox, service):
+    """Each GET of a backup used to start its own `barman show-backup`: 80 at once slowed /status to
+    seconds. Concurrent requests in one service process share one run (single flight)."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    server, most, sampling = sandbox["BARMAN_SERVER"], [0], threading.Event()
+
+    def sample() -> None:
+        while not sampling.is_set():
+            most[0] = max(most[0], len(show_backup_processes(server)))
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    try:
+        with ThreadPoolExecutor(20) as pool:
+            answers = list(pool.map(lambda _: service.get(f"/servers/{server}/backups/{sandbox['BACKUP_ID']}"),
+                                    range(40)))
+    finally:
+        sampling.set()
+        sampler.join()
+    assert [a.status_code for a in answers] == [200] * 40
+    assert {a.json()["backup_id"] for a in answers} == {sandbox["BACKUP_ID"]}
+    assert most[0] == 1
+
+
+def show_backup_processes(server: str) -> list:
+    """Pids of the `barman ... show-backup -- SERVER ...` processes running now."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                argv = f.read().split(b"\0")
+        except OSError:
+            continue
+        if b"show-backup" in argv and server.encode() in argv and any(a.endswith(b"barman") for a in argv[:2]):
+            found.append(int(pid))
+    return found

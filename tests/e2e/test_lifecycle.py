@@ -181,6 +181,44 @@ def test_a_second_recovery_into_the_same_destination_is_409_until_the_first_ends
     service.wait_until_ended(server, freed.json()["operation_id"])
 
 
+def test_an_ipv4_mapped_spelling_of_a_busy_target_is_refused(sandbox, service):
+    """`postgres@::ffff:127.0.0.1` reaches the sandbox's sshd on 127.0.0.1 as `postgres@127.0.0.1` does:
+    it used to get a claim of its own, so two `rsync --delete` could run into one directory."""
+    server, port = sandbox["BARMAN_SERVER"], sandbox["SSH_PORT"]
+    mapped = f"ssh -p {port} postgres@::ffff:127.0.0.1"
+    # The spelling really reaches the same sshd here (known_hosts aside, which an operator may relax).
+    relaxed = ["-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
+               "-o", "LogLevel=ERROR"]
+    reached = subprocess.run(["runuser", "-u", sandbox["BARMAN_USER"], "--", *mapped.split()[:-1], *relaxed,
+                              mapped.split()[-1], "echo $SSH_CONNECTION"], capture_output=True, text=True, timeout=30)
+    assert reached.stdout.split()[2:] == ["127.0.0.1", port], reached.stderr
+    destination = sandbox.restore_dir("e2e-mapped")
+    body = {"type": "recovery", "backup_id": "latest", "destination_directory": destination,
+            "remote_ssh_command": sandbox["SSH_COMMAND"], "bwlimit": 3000}  # about 15 s of copying
+    first = service.post(f"/servers/{server}/operations", json=body)
+    assert first.status_code == 202, first.text
+    op_id = first.json()["operation_id"]
+    try:
+        second = service.post(f"/servers/{server}/operations", json={**body, "remote_ssh_command": mapped})
+        assert second.status_code == 409, second.text
+        assert op_id in second.json()["error"] and f"on 127.0.0.1:{port}" in second.json()["error"]
+        for host in ("0", "0.0.0.0", "::"):
+            unspecified = service.post(f"/servers/{server}/operations", json={
+                **body, "destination_directory": sandbox.restore_dir("e2e-unspecified"),
+                "remote_ssh_command": f"ssh -p {port} postgres@{host}"})
+            assert unspecified.status_code == 400, unspecified.text
+            assert "field 'remote_ssh_command'" in unspecified.json()["error"]
+            assert "unspecified address" in unspecified.json()["error"]
+        unresolved = service.post(f"/servers/{server}/operations", json={
+            **body, "remote_ssh_command": "ssh postgres@no-such-host.invalid"})
+        assert unresolved.status_code == 422, unresolved.text
+        assert "host 'no-such-host.invalid' does not resolve" in unresolved.json()["error"]
+    finally:
+        service.post(f"/servers/{server}/operations/{op_id}/cancel")
+        shutil.rmtree(destination, ignore_errors=True)
+    assert not Path(sandbox.restore_dir("e2e-unspecified")).exists()
+
+
 @pytest.mark.parametrize("stop_signal", [signal.SIGINT, signal.SIGTERM])
 def test_a_recovery_survives_a_restart_of_the_service(sandbox, stop_signal):
     server = sandbox["BARMAN_SERVER"]

@@ -7,6 +7,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import threading
 import time
@@ -48,6 +49,41 @@ def masters() -> list:
     out = subprocess.run(["pgrep", "-f", f"ssh -M -N -o ControlPath=.*/{ssh_master.MUX_DIR}/"],
                          capture_output=True, text=True).stdout
     return [int(p) for p in out.split()]
+
+
+def masters_of(sock: Path) -> list:
+    """The masters listening on *sock*: one operation's (other sandboxes may run masters meanwhile)."""
+    found = []
+    for pid in masters():
+        try:
+            if str(sock).encode() in Path(f"/proc/{pid}/cmdline").read_bytes():
+                found.append(pid)
+        except OSError:
+            pass  # ended meanwhile
+    return found
+
+
+def copying_data(pgid) -> bool:
+    """True while an rsync of the group copies the base backup (Barman gives only that one --bwlimit)."""
+    for pid in processes.group_members(pgid):
+        try:
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if argv[0].endswith(b"rsync") and any(a.startswith(b"--bwlimit") for a in argv):
+            return True
+    return False
+
+
+def bytes_under(path: Path) -> int:
+    total = 0
+    for root, _, files in os.walk(path):
+        for name in files:
+            try:
+                total += os.lstat(os.path.join(root, name)).st_size
+            except OSError:
+                pass
+    return total
 
 
 def rsync_running(pgid) -> bool:
@@ -224,11 +260,15 @@ def recovering_into(prefix: str) -> set:
     return found
 
 
-def test_thirty_recoveries_posted_at_once_to_one_sshd_all_recover(sandbox, service):
+def test_thirty_recoveries_posted_at_once_to_one_sshd_all_recover(sandbox):
     """sshd's default MaxStartups (10:30:100) drops a burst of connections; without multiplexing
     such a burst ends with most recoveries FAILED ('Unable to connect to the target host'). With
-    max_recoveries_per_host (default 4), at most 4 run at once and the others wait, queued."""
+    max_recoveries_per_host (default 4), at most 4 run at once and the others wait, queued (as many
+    as max_queued_per_host allows: 30 here, beyond the default 16)."""
+    from .conftest import Service
+
     server = sandbox["BARMAN_SERVER"]
+    service = Service(sandbox, {"PG_BACKUP_API_MAX_QUEUED_PER_HOST": "30"}).start()
     destinations = [sandbox.restore_dir(f"e2e-mux-burst-{i}") for i in range(30)]
     prefix = destinations[0][:-1]
     most, sampling = [0], threading.Event()
@@ -240,9 +280,9 @@ def test_thirty_recoveries_posted_at_once_to_one_sshd_all_recover(sandbox, servi
 
     sampler = threading.Thread(target=sample)
     sampler.start()
-    with ThreadPoolExecutor(len(destinations)) as pool:
-        ids = list(pool.map(lambda d: post_recovery(service, sandbox, d), destinations))
     try:
+        with ThreadPoolExecutor(len(destinations)) as pool:
+            ids = list(pool.map(lambda d: post_recovery(service, sandbox, d), destinations))
         ended = [service.wait_until_ended(server, op_id, timeout=900) for op_id in ids]
         sampling.set()
         sampler.join()
@@ -256,5 +296,113 @@ def test_thirty_recoveries_posted_at_once_to_one_sshd_all_recover(sandbox, servi
         assert all("pg-backup-api: got a slot on " in s["output"] for s in waited)
     finally:
         sampling.set()
+        service.stop()
         for destination in destinations:
             shutil.rmtree(destination, ignore_errors=True)
+
+
+class SilentPort:
+    """A TCP listener on 127.0.0.1 that accepts every connection and never says a word (no ssh banner)."""
+
+    def __init__(self) -> None:
+        self.listener = socket.socket()
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(16)
+        self.port = self.listener.getsockname()[1]
+        self.held: list = []
+        threading.Thread(target=self.serve, daemon=True).start()
+
+    def serve(self) -> None:
+        while True:
+            try:
+                self.held.append(self.listener.accept()[0])
+            except OSError:
+                return
+
+    def close(self) -> None:
+        self.listener.close()
+        for conn in self.held:
+            conn.close()
+
+
+def test_a_silent_ssh_port_fails_the_recovery_and_frees_its_slot(sandbox):
+    """A port that accepts TCP but never speaks ssh used to hold a host slot until canceled, starving
+    the recoveries queued behind it. ssh_connect_timeout bounds the worker's ssh (master and Barman's)."""
+    from .conftest import Service
+
+    server = sandbox["BARMAN_SERVER"]
+    silent = SilentPort()
+    bounded = Service(sandbox, {"PG_BACKUP_API_MAX_RECOVERIES_PER_HOST": "1",
+                                "PG_BACKUP_API_SSH_CONNECT_TIMEOUT": "3"}).start()
+    destination = sandbox.restore_dir("e2e-mux-after-silent")
+    try:
+        stuck = post_recovery(bounded, sandbox, sandbox.restore_dir("e2e-mux-silent"),
+                              f"ssh -p {silent.port} postgres@127.0.0.1")
+        wait_for(lambda: silent.held, what="the silent port connected to")
+        after = post_recovery(bounded, sandbox, destination)  # the same host: it waits for the slot
+        wait_for(lambda: bounded.get(f"/servers/{server}/operations/{after}").json()["state"] == "queued")
+        failed = bounded.wait_until_ended(server, stuck, timeout=120)
+        done = bounded.wait_until_ended(server, after)
+    finally:
+        bounded.stop()
+        silent.close()
+    assert (failed["status"], failed["state"]) == ("FAILED", "failed")
+    assert "Connection timed out during banner exchange" in failed["output"]
+    assert failed["reason"].startswith("barman exited with code 1: Unable to connect to the target host")
+    assert "; the worker's ssh master could not connect either: " in failed["reason"]
+    assert "Connection timed out during banner exchange" in failed["reason"]
+    assert done["status"] == "DONE", done
+    assert "pg-backup-api: got a slot on 127.0.0.1 after " in done["output"]
+    assert restored_rows(sandbox, destination) == sandbox["ROWS_CHECK"]
+
+
+def test_a_master_killed_mid_copy_does_not_fail_the_recovery(sandbox, service):
+    """The README says a lost master makes a recovery slower, never broken; killing the master cut the
+    rsync it carried and the recovery ended FAILED. Barman now retries the copy (--retry-times), whose
+    ssh connects directly."""
+    server = sandbox["BARMAN_SERVER"]
+    destination = sandbox.restore_dir("e2e-mux-master-killed")
+    op_id = post_recovery(service, sandbox, destination, bwlimit=SLOW)
+    pid = worker_pid(sandbox, op_id)
+    # The copy itself (the rsync given --bwlimit, not one listing a directory), a few MB into it.
+    wait_for(lambda: copying_data(pid) and bytes_under(Path(destination)) > 4 * 2**20, what="the copy under way")
+    sock = socket_of(sandbox, op_id)
+    (master,) = masters_of(sock)
+    assert master in processes.group_members(pid)  # the worker's own master, not another one
+    os.kill(master, signal.SIGKILL)
+    status = service.wait_until_ended(server, op_id)
+    assert status["status"] == "DONE", status.get("output")
+    assert ("pg-backup-api: the ssh master connection was killed by SIGKILL while barman ran: barman's later ssh "
+            "and rsync connected directly, and a copy cut off with it is retried (--retry-times=2)") in status["output"]
+    assert not sock.exists()
+    assert masters_of(sock) == []
+    assert restored_rows(sandbox, destination) == sandbox["ROWS_CHECK"]
+
+
+def test_a_recovery_beyond_the_queue_bound_is_a_429_and_the_queued_one_still_recovers(sandbox):
+    """The recovery queue had no bound: each waiting recovery is a process (60 queued used 0.78 cores
+    and 1.6 GB). Beyond max_queued_per_host a POST is refused with Retry-After."""
+    from .conftest import Service
+
+    server = sandbox["BARMAN_SERVER"]
+    bounded = Service(sandbox, {"PG_BACKUP_API_MAX_RECOVERIES_PER_HOST": "1",
+                                "PG_BACKUP_API_MAX_QUEUED_PER_HOST": "1"}).start()
+    running_into, queued_into = sandbox.restore_dir("e2e-queue-running"), sandbox.restore_dir("e2e-queue-waiting")
+    try:
+        running = post_recovery(bounded, sandbox, running_into, bwlimit=SLOW)
+        queued = post_recovery(bounded, sandbox, queued_into)
+        wait_for(lambda: bounded.get(f"/servers/{server}/operations/{queued}").json()["state"] == "queued")
+        body = {"type": "recovery", "backup_id": "latest", "destination_directory": sandbox.restore_dir("e2e-queue-no"),
+                "remote_ssh_command": sandbox["SSH_COMMAND"]}
+        refused = bounded.post(f"/servers/{server}/operations", json=body)
+        assert (refused.status_code, refused.headers.get("Retry-After")) == (429, "60"), refused.text
+        assert "max_queued_per_host = 1" in refused.json()["error"]
+        bounded.post(f"/servers/{server}/operations/{running}/cancel")
+        done = bounded.wait_until_ended(server, queued)
+    finally:
+        bounded.stop()
+        shutil.rmtree(running_into, ignore_errors=True)
+    assert done["status"] == "DONE", done
+    assert "pg-backup-api: got a slot on 127.0.0.1 after " in done["output"]
+    assert restored_rows(sandbox, queued_into) == sandbox["ROWS_CHECK"]
+    assert not Path(body["destination_directory"]).exists()
