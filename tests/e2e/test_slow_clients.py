@@ -20,7 +20,7 @@ from typing import Callable, Iterator, List
 import pytest
 import requests
 
-from .conftest import ROOT, Apache, Service, free_port, make_certificates, wait_for
+from .conftest import ROOT, Apache, Service, free_port, make_certificates, proxy_secret, wait_for
 from .test_deployment import Gunicorn, api, unit_paths, work  # noqa: F401  (the service as the unit runs it)
 
 SLOW = 500
@@ -29,6 +29,8 @@ SERVER_CLOSES_WITHIN = 90  # seconds, well past each server's own timeout (5 to 
 HALF_REQUEST = b"GET /status HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: "
 HALF_HANDSHAKE = b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03"  # a ClientHello's first bytes, announcing 512
 MPM_CONF = ROOT / "apache" / "pg-backup-api-mpm.conf"
+
+pytestmark = pytest.mark.e2e
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -139,7 +141,7 @@ def test_the_dev_server_answers_an_over_long_request_line_with_json(sandbox):
 
 
 @pytest.fixture(scope="module")
-def front(api):  # noqa: F811
+def front(sandbox, api):  # noqa: F811
     """The shipped HTTPS vhost, with the shipped MPM sizing, in front of the unit's gunicorn: (url, tls)."""
     root = Path(tempfile.mkdtemp(prefix="pgba-slow-front-"))
     root.chmod(0o755)  # www-data reads the error bodies from here
@@ -149,7 +151,7 @@ def front(api):  # noqa: F811
         shutil.copy(MPM_CONF, server.confdir / "conf-available" / MPM_CONF.name)
         server.run("a2enconf", MPM_CONF.stem)
         port = free_port()
-        url = server.https_site("front", port, api.port, tls)
+        url = server.https_site("front", port, api.port, tls, proxy_secret(sandbox)["include"])
         server.start([port])
         try:
             yield url, port, tls
