@@ -117,9 +117,11 @@ def _server_path(server: str, *parts: str) -> str:
 # -- output ------------------------------------------------------------------------------
 
 # What a terminal acts on rather than shows: C0 controls, DEL and C1 (clear the screen, set the
-# window title, move the cursor, ...). The service's answers carry text from clients and Barman.
-CONTROL_CHARACTERS = re.compile("[\x00-\x1f\x7f-\x9f]")
-SPACED_CONTROLS = frozenset("\t\n\r\x0b\x0c\x85")
+# window title, move the cursor, ...); the line and paragraph separators, which str.splitlines cuts at;
+# and the bidirectional overrides and isolates, which reorder what is shown. The service's answers
+# carry text from clients and Barman.
+CONTROL_CHARACTERS = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+SPACED_CONTROLS = frozenset("\t\n\r\x0b\x0c\x85\u2028\u2029")
 
 
 def printable(value: Any) -> str:

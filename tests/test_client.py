@@ -563,3 +563,8 @@ def test_a_carriage_return_alone_ends_a_line_and_starts_a_field():
     utf8 = "data: caf\u00e9 \u2028 \U0001f600\n\n".encode()
     by_byte = (utf8[i:i + 1] for i in range(len(utf8)))
     assert list(client.sse_events(by_byte)) == [("message", "caf\u00e9 \u2028 \U0001f600")]
+
+
+def test_line_separators_and_bidirectional_overrides_are_not_printed_as_they_are():
+    # U+2028 breaks the one-line-per-field layout (hypothesis found it); U+202E reverses what follows.
+    assert client.printable("a\u2028b\u2029c\u202ed\u2066e") == "a b cde"
