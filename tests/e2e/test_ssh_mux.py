@@ -302,9 +302,13 @@ def test_thirty_recoveries_posted_at_once_to_one_sshd_all_recover(sandbox):
 
 
 class SilentPort:
-    """A TCP listener on 127.0.0.1 that accepts every connection and never says a word (no ssh banner)."""
+    """A TCP listener on 127.0.0.1 that relays its first *relayed* connections to the sandbox's sshd, then
+    accepts every connection and never says a word (no ssh banner): a host that went silent after the
+    service looked at its paths (POST), before the worker connects."""
 
-    def __init__(self) -> None:
+    def __init__(self, sshd_port: int, relayed: int) -> None:
+        self.sshd_port = sshd_port
+        self.relayed = relayed
         self.listener = socket.socket()
         self.listener.bind(("127.0.0.1", 0))
         self.listener.listen(16)
@@ -315,9 +319,25 @@ class SilentPort:
     def serve(self) -> None:
         while True:
             try:
-                self.held.append(self.listener.accept()[0])
+                conn = self.listener.accept()[0]
             except OSError:
                 return
+            if self.relayed > 0:
+                self.relayed -= 1
+                upstream = socket.create_connection(("127.0.0.1", self.sshd_port))
+                for source, sink in ((conn, upstream), (upstream, conn)):
+                    threading.Thread(target=self.pipe, args=(source, sink), daemon=True).start()
+            else:
+                self.held.append(conn)
+
+    @staticmethod
+    def pipe(source: socket.socket, sink: socket.socket) -> None:
+        try:
+            while data := source.recv(65536):
+                sink.sendall(data)
+            sink.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
 
     def close(self) -> None:
         self.listener.close()
@@ -327,11 +347,18 @@ class SilentPort:
 
 def test_a_silent_ssh_port_fails_the_recovery_and_frees_its_slot(sandbox):
     """A port that accepts TCP but never speaks ssh used to hold a host slot until canceled, starving
-    the recoveries queued behind it. ssh_connect_timeout bounds the worker's ssh (master and Barman's)."""
+    the recoveries queued behind it. ssh_connect_timeout bounds the worker's ssh (master and Barman's). A
+    port silent from the start is refused at POST (the look at the target's paths times out)."""
     from .conftest import Service
 
     server = sandbox["BARMAN_SERVER"]
-    silent = SilentPort()
+    # Two connections reach the sshd: the one recording its host key for this port, as an operator
+    # would, and the service's look at the recovery's paths; the worker's then meet silence.
+    silent = SilentPort(int(sandbox["SSH_PORT"]), relayed=2)
+    recorded = subprocess.run(["runuser", "-u", sandbox["BARMAN_USER"], "--", "ssh", "-p", str(silent.port),
+                               "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=accept-new", "-o", "LogLevel=ERROR",
+                               "postgres@127.0.0.1", "true"], capture_output=True, text=True, timeout=60)
+    assert recorded.returncode == 0, recorded.stderr
     bounded = Service(sandbox, {"PG_BACKUP_API_MAX_RECOVERIES_PER_HOST": "1",
                                 "PG_BACKUP_API_SSH_CONNECT_TIMEOUT": "3"}).start()
     destination = sandbox.restore_dir("e2e-mux-after-silent")
@@ -343,9 +370,15 @@ def test_a_silent_ssh_port_fails_the_recovery_and_frees_its_slot(sandbox):
         wait_for(lambda: bounded.get(f"/servers/{server}/operations/{after}").json()["state"] == "queued")
         failed = bounded.wait_until_ended(server, stuck, timeout=120)
         done = bounded.wait_until_ended(server, after)
+        # Silent already when posted: the look at its paths times out, and nothing is stored.
+        refused = bounded.post(f"/servers/{server}/operations", json={
+            "type": "recovery", "backup_id": "latest", "destination_directory": sandbox.restore_dir("e2e-mux-mute"),
+            "remote_ssh_command": f"ssh -p {silent.port} postgres@127.0.0.1"})
     finally:
         bounded.stop()
         silent.close()
+    assert refused.status_code == 422, refused.text
+    assert "timed out" in refused.json()["error"], refused.text
     assert (failed["status"], failed["state"]) == ("FAILED", "failed")
     assert "Connection timed out during banner exchange" in failed["output"]
     assert failed["reason"].startswith("barman exited with code 1: Unable to connect to the target host")
