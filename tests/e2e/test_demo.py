@@ -42,6 +42,16 @@ def left_running(directory: Path) -> str:
     return found.stdout.strip()
 
 
+def assert_the_demo_restored_the_rows(run: subprocess.CompletedProcess, shown: str) -> None:
+    """scripts/demo ended well: exit 0, and the restored cluster's count|md5 is the source's (100 rows)."""
+    assert run.returncode == 0, shown
+    assert "the API restored the backup and the rows match" in run.stdout, shown
+    restored = re.search(r"^restored cluster: count\|md5 = (\S+)$", run.stdout, re.M)
+    source = re.search(r"^source cluster:   count\|md5 = (\S+)$", run.stdout, re.M)
+    assert restored and source, shown
+    assert restored.group(1) == source.group(1) and restored.group(1).startswith("100|"), shown
+
+
 def test_the_demo_recovers_through_the_api_reads_the_rows_back_and_stop_leaves_nothing_running():
     if os.geteuid() != 0:
         unavailable("scripts/demo runs as root")
@@ -52,12 +62,7 @@ def test_the_demo_recovers_through_the_api_reads_the_rows_back_and_stop_leaves_n
     try:
         run = demo(str(directory), env=env)
         shown = run.stdout[-4000:] + run.stderr[-2000:]
-        assert run.returncode == 0, shown
-        assert "the API restored the backup and the rows match" in run.stdout, shown
-        restored = re.search(r"^restored cluster: count\|md5 = (\S+)$", run.stdout, re.M)
-        source = re.search(r"^source cluster:   count\|md5 = (\S+)$", run.stdout, re.M)
-        assert restored and source, shown
-        assert restored.group(1) == source.group(1) and restored.group(1).startswith("100|"), shown
+        assert_the_demo_restored_the_rows(run, shown)
         assert re.search(r"-> DONE ", run.stdout), shown  # polled through the API until DONE
 
         # It leaves the service running for the operator to try, with the recovery in its list.
