@@ -8,7 +8,7 @@ setup(
     long_description_content_type="text/markdown",
     license="GPL-3.0-or-later",
     packages=find_packages(include=["pg_backup_api", "pg_backup_api.*"]),
-    package_data={"pg_backup_api": ["openapi.json", "templates/*.html", "static/*"]},
+    package_data={"pg_backup_api.rules": ["openapi.json"], "pg_backup_api.http": ["templates/*.html", "static/*"]},
     python_requires=">=3.9",
     # The minimums are what Debian 12 ships (python3-flask 2.2.2, python3-requests 2.28.1,
     # python3-jsonschema 4.10.3, python3-prometheus-client 0.16.0): the Debian package uses those.

@@ -21,10 +21,10 @@ BACKUP_IDS = ("20261120T010000", "20261121T010000", "20261122T010000")
 
 
 def store_module() -> Any:
-    """This checkout's pg_backup_api.store: the layout is the store's, never a copy of it."""
+    """This checkout's pg_backup_api.store.jobs: the layout is the store's, never a copy of it."""
     if str(ROOT) not in sys.path:
         sys.path.insert(0, str(ROOT))
-    from pg_backup_api import store
+    from pg_backup_api.store import jobs as store
 
     return store
 
@@ -57,7 +57,7 @@ def ended_operation(store: Any, start: datetime, ok: bool) -> str:
              "", "Restore operation completed (start time: 2026-11-01 00:00:00, elapsed time: 11 seconds)",
              "Your PostgreSQL server has been successfully prepared for recovery!"]
     text = "\n".join(lines * 3 if ok else lines[:2] + ["ERROR: rsync error (code 12)"]) + "\n"
-    store.log_path(op_id).write_text(f"{start:%Y-%m-%d %H:%M:%S},000 4242 INFO pg_backup_api.runner: "
+    store.log_path(op_id).write_text(f"{start:%Y-%m-%d %H:%M:%S},000 4242 INFO pg_backup_api.worker.runner: "
                                      f"operation {op_id}: running barman restore\n")
     store.progress_path(op_id).write_text(text)
     store.record_worker(op_id, {"pid": 4242, "start_ticks": 1000, "boot_id": "x"})
@@ -268,7 +268,7 @@ class ScrapeFixture:
     def start_running_operation(self) -> str:
         """A recovery of m1 that runs for as long as the benchmark: its worker is a sleep. Its path."""
         sys.path.insert(0, str(ROOT))
-        from pg_backup_api import processes
+        from pg_backup_api.worker import processes
 
         store = store_module().OperationStore(self.home / "m1", "m1")
         self.sleeper = subprocess.Popen(["sleep", "3600"], stdin=subprocess.DEVNULL, start_new_session=True)

@@ -58,7 +58,7 @@ def main(waiting: int, seconds: float = 20.0) -> int:
         os.environ.update(PYTHONPATH=str(ROOT), PG_BACKUP_API_BARMAN=str(barman),
                           PG_BACKUP_API_CONFIG=str(service_conf), PG_BACKUP_API_BARMAN_CONF=str(fixture.conf))
         from pg_backup_api import create_app
-        from pg_backup_api.settings import Settings
+        from pg_backup_api.rules.settings import Settings
 
         client = create_app(Settings.from_env()).test_client()
         for i in range(waiting + 1):

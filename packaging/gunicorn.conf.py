@@ -43,8 +43,8 @@ workers = _positive_int("PG_BACKUP_API_WORKERS", 2)
 # Threads: a slow request (GET /diagnose runs `barman diagnose`, several seconds) does not hold
 # up /status or a client polling its operation.
 # gthread, but with each request head read by the worker's main loop, not by a thread: a client that
-# sends half a request (or nothing) holds no thread, and is closed after 10 s (pg_backup_api/gunicorn_worker.py).
-worker_class = "pg_backup_api.gunicorn_worker.HeadFirstWorker"
+# sends half a request (or nothing) holds no thread, and is closed after 10 s (pg_backup_api/http/gunicorn_worker.py).
+worker_class = "pg_backup_api.http.gunicorn_worker.HeadFirstWorker"
 # Connections one worker holds at once (waiting heads and kept-alive ones included); the worker raises
 # its limit of open files to fit them.
 worker_connections = 1000

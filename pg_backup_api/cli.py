@@ -8,12 +8,12 @@ import sys
 from datetime import timedelta
 from typing import Any, List, Optional
 
-from pg_backup_api.settings import DEFAULT_PORT, LOOPBACK, Settings, setup_logging
+from pg_backup_api.rules.settings import DEFAULT_PORT, LOOPBACK, Settings, setup_logging
 
 
 def _serve(args: argparse.Namespace, settings: Settings) -> int:
-    from pg_backup_api import serving
-    from pg_backup_api.factory import create_app, with_status_shortcut
+    from pg_backup_api.http import serving
+    from pg_backup_api.http.factory import create_app, with_status_shortcut
 
     app = with_status_shortcut(create_app(settings))
     # Loopback only: the service has no authentication of its own, a reverse proxy does that.
@@ -39,10 +39,10 @@ def _status(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _worker(args: argparse.Namespace, settings: Settings) -> int:
-    from pg_backup_api import barman_features
-    from pg_backup_api.claims import Claims
-    from pg_backup_api.operations import OperationType
-    from pg_backup_api.runner import HostSlots, barman_home, run_operation
+    from pg_backup_api.barman_io import features as barman_features
+    from pg_backup_api.core.model import OperationType
+    from pg_backup_api.store.claims import Claims
+    from pg_backup_api.worker.runner import HostSlots, barman_home, run_operation
 
     try:
         barman_features.check_supported()
@@ -59,7 +59,7 @@ def _worker(args: argparse.Namespace, settings: Settings) -> int:
             # which would otherwise delay every recovery's start.
             nonlocal service
             if service is None:
-                from pg_backup_api.service import Service
+                from pg_backup_api.service.use_cases import Service
 
                 service = Service(settings)
             return service.lookup(server, op_id)
@@ -83,8 +83,8 @@ def duration(text: str) -> timedelta:
 
 
 def _prune(args: argparse.Namespace, settings: Settings) -> int:
-    from pg_backup_api.errors import ApiError
-    from pg_backup_api.service import Service
+    from pg_backup_api.core.errors import ApiError
+    from pg_backup_api.service.use_cases import Service
 
     try:
         removed = Service(settings).prune(args.older_than, args.dry_run, args.server)
@@ -100,8 +100,8 @@ def _prune(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _doctor(args: argparse.Namespace, settings: Settings) -> int:
-    from pg_backup_api import doctor
-    from pg_backup_api.service import Service
+    from pg_backup_api.service import doctor
+    from pg_backup_api.service.use_cases import Service
 
     findings = doctor.run(Service(settings), fix=args.fix)
     for finding in findings:
@@ -112,13 +112,13 @@ def _doctor(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _refresh_checks(args: argparse.Namespace, settings: Settings) -> int:
-    from pg_backup_api.metrics import refresh_checks
+    from pg_backup_api.http.metrics import refresh_checks
 
     return refresh_checks(settings.barman_conf, settings.check_timeout)
 
 
 def _token(args: argparse.Namespace, settings: Settings) -> int:
-    from pg_backup_api.auth import TokenFile
+    from pg_backup_api.service.auth import TokenFile
 
     tokens = TokenFile(settings.tokens_file)
     try:
@@ -148,7 +148,7 @@ def _proxy_secret(args: argparse.Namespace, settings: Settings) -> int:
     import grp
     from pathlib import Path
 
-    from pg_backup_api.auth import write_proxy_secret
+    from pg_backup_api.service.auth import write_proxy_secret
 
     if not settings.proxy_secret_file:
         print("pg-backup-api proxy-secret: proxy_secret_file is empty in the settings: no proxy can vouch",

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Dict, Iterable, Iterator, List, Optional,
 from urllib.parse import quote
 
 if TYPE_CHECKING:
-    from pg_backup_api.settings import Settings
+    from pg_backup_api.rules.settings import Settings
 
 DEFAULT_URL = "http://127.0.0.1:7480"
 POLL_SECONDS = 1.0
@@ -273,7 +273,7 @@ def follow_stream(api: Api, path: str, progress: Progress, started: float) -> Op
     available (an older service, a proxy that refuses it, 429) or breaks: the caller polls then."""
     import requests
 
-    from pg_backup_api.operations import PHASE_MARKERS
+    from pg_backup_api.core.model import PHASE_MARKERS
 
     try:
         response = api.session.get(f"{api.url}{path}/output", params={"follow": "1"}, stream=True,

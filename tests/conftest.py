@@ -14,9 +14,11 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import pytest
 
-from pg_backup_api import create_app, effects, ssh_command, target_probe
-from pg_backup_api.errors import Unprocessable
-from pg_backup_api.settings import Settings
+from pg_backup_api import create_app
+from pg_backup_api.core.errors import Unprocessable
+from pg_backup_api.rules import effects, ssh_command
+from pg_backup_api.rules.settings import Settings
+from pg_backup_api.worker import target_probe
 
 ROOT = Path(__file__).resolve().parent.parent
 

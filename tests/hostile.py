@@ -11,8 +11,9 @@ from typing import Any, Dict, Iterable, Set
 
 from hypothesis import strategies as st
 
-from pg_backup_api import schema
-from pg_backup_api.operations import REQUEST_SCHEMAS, OperationType
+from pg_backup_api.core.model import OperationType
+from pg_backup_api.rules import schema
+from pg_backup_api.rules.requests import REQUEST_SCHEMAS
 
 # Digits that are not ASCII (str.isdigit() is true for all of them, int() refuses some),
 # NUL, lone surrogates, characters beyond the BMP, traversal, numbers in disguise.

@@ -3,8 +3,9 @@ import threading
 
 import pytest
 
-from pg_backup_api import barman_adapter, barman_cli
-from pg_backup_api.errors import ConfigurationError, NoSuchServer
+from pg_backup_api.barman_io import adapter as barman_adapter
+from pg_backup_api.barman_io import commands as barman_cli
+from pg_backup_api.core.errors import ConfigurationError, NoSuchServer
 
 
 def test_loads_servers_from_the_conf_directory(barman_files):

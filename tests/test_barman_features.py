@@ -15,10 +15,13 @@ from pathlib import Path
 
 import pytest
 
-from pg_backup_api import barman_adapter, barman_cli, barman_features
+from pg_backup_api.barman_io import adapter as barman_adapter
+from pg_backup_api.barman_io import commands as barman_cli
+from pg_backup_api.barman_io import features as barman_features
+from pg_backup_api.rules import schema
 
 RECOVERY = {"type": "recovery", "destination_directory": "/srv/pg/restore", "remote_ssh_command": "ssh postgres@db2"}
-OPENAPI = Path(barman_features.__file__).parent / "openapi.json"
+OPENAPI = Path(schema.__file__).parent / "openapi.json"
 
 
 @pytest.fixture
@@ -171,7 +174,7 @@ def test_the_page_shows_the_barman_version_and_what_it_lacks(client, barman_vers
 
 
 def test_doctor_reports_the_barman_version_and_what_it_lacks(app, barman_version):
-    from pg_backup_api import doctor
+    from pg_backup_api.service import doctor
 
     barman_version("3.10.1")
     findings = {f.check: f for f in doctor.run(app.extensions["pg_backup_api"])}
@@ -227,7 +230,7 @@ def test_start_up_refuses_a_barman_outside_the_supported_range_with_one_line(bar
     import barman
 
     from pg_backup_api import create_app
-    from pg_backup_api.settings import Settings
+    from pg_backup_api.rules.settings import Settings
 
     monkeypatch.setattr(barman, "__version__", version)
     with pytest.raises(SystemExit) as exited:
@@ -248,7 +251,7 @@ def test_the_worker_refuses_a_barman_below_the_supported_range_with_one_line(tmp
 def test_barman_3_4s_configuration_loads_without_load_config_file_as_its_cli_loads_it(barman_files, monkeypatch):
     from barman.config import Config
 
-    from pg_backup_api import barman_config
+    from pg_backup_api.barman_io import config as barman_config
 
     # As Barman < 3.10: no load_config_file, no `.barman.auto.conf`; the directory is read in one call.
     monkeypatch.delattr(Config, "load_config_file")
@@ -260,7 +263,8 @@ def test_barman_3_4s_configuration_loads_without_load_config_file_as_its_cli_loa
 
 
 def test_a_barman_without_a_change_queue_reports_none_on_servers_metrics_and_doctor(client, app, monkeypatch):
-    from pg_backup_api import barman_config, doctor
+    from pg_backup_api.barman_io import config as barman_config
+    from pg_backup_api.service import doctor
 
     monkeypatch.setattr(barman_config, "has_change_queue", lambda config: False, raising=False)  # Barman < 3.10
     assert client.get("/servers").json["config_changes_queue"] == {"path": None, "pending": 0, "stuck": False}

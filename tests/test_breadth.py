@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from pg_backup_api import barman_cli
+from pg_backup_api.barman_io import commands as barman_cli
 
 
 @pytest.fixture(autouse=True)

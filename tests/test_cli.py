@@ -8,7 +8,7 @@ from datetime import timedelta
 import pytest
 
 from pg_backup_api.cli import duration, main
-from pg_backup_api.operations import now_utc, timestamp
+from pg_backup_api.core.model import now_utc, timestamp
 
 
 def test_durations():
@@ -35,7 +35,7 @@ def write_operation(home, server, op_id, ended_days_ago=None):
 
 
 def _me():
-    from pg_backup_api.processes import identity
+    from pg_backup_api.worker.processes import identity
     return identity().to_json()
 
 

@@ -18,12 +18,12 @@ from hypothesis import strategies as st
 from werkzeug.serving import make_server
 
 from pg_backup_api import client, create_app
-from pg_backup_api.auth import TokenFile
 from pg_backup_api.cli import main
-from pg_backup_api.operations import State
-from pg_backup_api.runner import finish
-from pg_backup_api.settings import Settings
-from pg_backup_api.store import OperationStore
+from pg_backup_api.core.model import State
+from pg_backup_api.rules.settings import Settings
+from pg_backup_api.service.auth import TokenFile
+from pg_backup_api.store.jobs import OperationStore
+from pg_backup_api.worker.runner import finish
 
 ROOT = Path(__file__).resolve().parents[1]
 SSH = "ssh postgres@db2"

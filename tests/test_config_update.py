@@ -6,8 +6,11 @@ import json
 
 import pytest
 
-from pg_backup_api import barman_adapter, barman_cli, cli, runner
-from pg_backup_api.operations import OperationType
+from pg_backup_api import cli
+from pg_backup_api.barman_io import adapter as barman_adapter
+from pg_backup_api.barman_io import commands as barman_cli
+from pg_backup_api.core.model import OperationType
+from pg_backup_api.worker import runner
 
 # A change set Barman cannot apply: the file it names cannot be written, so `barman cron` fails on it forever.
 STUCK_ENTRY = [{"section": "pg", "changes_set": [
@@ -241,7 +244,7 @@ def test_changes_in_barman_auto_conf_are_seen_without_a_restart(client, barman_f
 
 def test_a_configuration_broken_from_the_start_heals_when_the_bad_file_goes(barman_files, spawned):
     from pg_backup_api import create_app
-    from pg_backup_api.settings import Settings
+    from pg_backup_api.rules.settings import Settings
 
     bad = barman_files.conf_dir / "zz-bad.conf"
     bad.write_text("[all]\ndescription = reserved\n")

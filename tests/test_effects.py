@@ -14,11 +14,14 @@ from barman.infofile import Tablespace, output_tablespace_list
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pg_backup_api import barman_cli, create_app, effects, schema
-from pg_backup_api.effects import STAGE, STAGE_SUBDIRS, WIPE, PathRules, RecoveryTarget
-from pg_backup_api.errors import ApiError, Conflict, InvalidRequest, Unprocessable
-from pg_backup_api.operations import RECOVERY_OPTIONS, REQUEST_SCHEMAS, OperationType
-from pg_backup_api.settings import ServerPolicy, Settings
+from pg_backup_api import create_app
+from pg_backup_api.barman_io import commands as barman_cli
+from pg_backup_api.core.errors import ApiError, Conflict, InvalidRequest, Unprocessable
+from pg_backup_api.core.model import RECOVERY_OPTIONS, OperationType
+from pg_backup_api.rules import effects, schema
+from pg_backup_api.rules.effects import STAGE, STAGE_SUBDIRS, WIPE, PathRules, RecoveryTarget
+from pg_backup_api.rules.requests import REQUEST_SCHEMAS
+from pg_backup_api.rules.settings import ServerPolicy, Settings
 
 HOME = "/srv/barman"
 BINARIES = "/opt/pg15/bin"

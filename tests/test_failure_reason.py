@@ -8,7 +8,7 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from pg_backup_api.barman_cli import MAX_ERROR_CHARS, MAX_ERRORS, errors_in
+from pg_backup_api.barman_io.commands import MAX_ERROR_CHARS, MAX_ERRORS, errors_in
 
 NOT_EMPTY = ("The restore operation cannot proceed because the destination folder '/srv/pg/restore' is "
              "not empty. To prevent accidental data loss, the destination must be empty.")

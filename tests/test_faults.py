@@ -22,9 +22,12 @@ from pathlib import Path
 
 import pytest
 
-from pg_backup_api import cli, create_app, processes, runner, service, store
-from pg_backup_api.operations import OperationType, now_utc, timestamp
-from pg_backup_api.settings import Settings
+from pg_backup_api import cli, create_app
+from pg_backup_api.core.model import OperationType, now_utc, timestamp
+from pg_backup_api.rules.settings import Settings
+from pg_backup_api.service import use_cases as service
+from pg_backup_api.store import jobs as store
+from pg_backup_api.worker import processes, runner
 
 from .conftest import ROOT, install_stand_in_barman, operation_ended, operation_status, wait_for
 
@@ -284,8 +287,8 @@ def test_a_service_killed_before_spawning_leaves_an_operation_that_is_reported_n
         client, fake_barman, barman_files, monkeypatch):
     script = textwrap.dedent(f"""
         import os, signal
-        from pg_backup_api.service import Service
-        from pg_backup_api.settings import Settings
+        from pg_backup_api.service.use_cases import Service
+        from pg_backup_api.rules.settings import Settings
         from tests.conftest import FakeTarget
         def die(*args):
             os.kill(os.getpid(), signal.SIGKILL)  # after the job file and the claim, before the worker

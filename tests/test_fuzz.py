@@ -34,10 +34,13 @@ from hypothesis import strategies as st
 from jsonschema import FormatChecker
 from schemathesis.specs.openapi.checks import positive_data_acceptance
 
-from pg_backup_api import create_app, paging, schema
-from pg_backup_api.errors import InvalidRequest
-from pg_backup_api.operations import INSTANCE_TYPES, SERVER_TYPES, parse_request
-from pg_backup_api.settings import Settings
+from pg_backup_api import create_app
+from pg_backup_api.core.errors import InvalidRequest
+from pg_backup_api.core.model import INSTANCE_TYPES, SERVER_TYPES
+from pg_backup_api.rules import schema
+from pg_backup_api.rules.requests import parse_request
+from pg_backup_api.rules.settings import Settings
+from pg_backup_api.service import paging
 
 from .conftest import BarmanFiles, SpawnRecorder
 from .hostile import (

@@ -35,7 +35,7 @@ def gunicorn(tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     argv = [str(Path(sys.executable).parent / "gunicorn"), "--worker-class",
-            "pg_backup_api.gunicorn_worker.HeadFirstWorker", "--workers", "1", "--threads", "2",
+            "pg_backup_api.http.gunicorn_worker.HeadFirstWorker", "--workers", "1", "--threads", "2",
             "--bind", f"127.0.0.1:{port}", "--chdir", str(tmp_path), "--no-control-socket", "small_app:application"]
     log = open(tmp_path / "gunicorn.log", "wb")
     proc = subprocess.Popen(argv, env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=log, stderr=subprocess.STDOUT,

@@ -16,8 +16,10 @@ from pathlib import Path
 
 import pytest
 
-from pg_backup_api import claims, create_app, processes
-from pg_backup_api.settings import Settings
+from pg_backup_api import create_app
+from pg_backup_api.rules.settings import Settings
+from pg_backup_api.store import claims
+from pg_backup_api.worker import processes
 
 from .conftest import install_stand_in_barman, operation_ended, operation_status, wait_for
 
@@ -165,8 +167,8 @@ def test_slots_are_files_under_barman_home_named_by_host(client, gated, barman_f
 
 
 def test_the_status_document_says_queued_while_the_worker_waits_and_running_once_it_has_a_slot():
-    from pg_backup_api.operations import describe
-    from pg_backup_api.records import Record
+    from pg_backup_api.core.model import describe
+    from pg_backup_api.core.records import Record
 
     record = Record("20261127T093201", {"operation_type": "recovery"}, None)
     waiting = "pg-backup-api: waiting for a slot on db2 (4 recoveries run there, ...); number 1 in the queue\n"

@@ -1,6 +1,6 @@
 from datetime import datetime, timezone
 
-from pg_backup_api import ids
+from pg_backup_api.core import ids
 
 NOW = datetime(2026, 11, 27, 9, 32, 1, tzinfo=timezone.utc)
 

@@ -8,8 +8,8 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
-from pg_backup_api import index as index_module
-from pg_backup_api.store import OperationStore, read_state_file
+from pg_backup_api.store import index as index_module
+from pg_backup_api.store.jobs import OperationStore, read_state_file
 
 T0 = datetime(2026, 11, 27, 9, 32, 1, tzinfo=timezone.utc)
 

@@ -13,10 +13,11 @@ from datetime import timedelta
 
 import pytest
 
-from pg_backup_api import create_app, processes
-from pg_backup_api.operations import now_utc, timestamp
-from pg_backup_api.runner import operation_marker
-from pg_backup_api.settings import Settings
+from pg_backup_api import create_app
+from pg_backup_api.core.model import now_utc, timestamp
+from pg_backup_api.rules.settings import Settings
+from pg_backup_api.worker import processes
+from pg_backup_api.worker.runner import operation_marker
 
 from .conftest import wait_for
 
@@ -37,8 +38,8 @@ class RealWorkerSpawn:
     def __call__(self, op_type, server, op_id, store, barman_conf):
         script = textwrap.dedent(f"""
             from pathlib import Path
-            from pg_backup_api.runner import Worker, finish
-            from pg_backup_api.store import OperationStore
+            from pg_backup_api.worker.runner import Worker, finish
+            from pg_backup_api.store.jobs import OperationStore
             store = OperationStore(Path({str(store.root)!r}), {server!r})
             worker = Worker(store, {server!r}, {op_id!r})
             code, out = worker.run({self.argv!r})

@@ -9,11 +9,13 @@ from datetime import datetime, timezone
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from pg_backup_api import create_app, metrics
-from pg_backup_api import store as store_module
-from pg_backup_api.operations import OperationType, job_document
-from pg_backup_api.settings import Settings
-from pg_backup_api.store import OperationStore
+from pg_backup_api import create_app
+from pg_backup_api.core.model import OperationType
+from pg_backup_api.http import metrics
+from pg_backup_api.rules.requests import job_document
+from pg_backup_api.rules.settings import Settings
+from pg_backup_api.store import jobs as store_module
+from pg_backup_api.store.jobs import OperationStore
 
 EXPORTER_NAMES = {"barman_backups_total", "barman_backups_failed", "barman_backups_size", "barman_backups_wal_size",
                   "barman_last_backup", "barman_first_backup", "barman_last_backup_copy_time", "barman_up",
@@ -271,7 +273,7 @@ def test_refresh_checks_runs_barman_check_and_writes_ones_and_zeros(lab):
 
 
 def test_metrics_need_the_read_scope_when_tokens_are_on(lab, tmp_path):
-    from pg_backup_api.auth import TokenFile
+    from pg_backup_api.service.auth import TokenFile
 
     tokens = TokenFile(str(tmp_path / "tokens.json"))
     secret = tokens.create("prometheus", "read")

@@ -1,16 +1,9 @@
 import pytest
 
-from pg_backup_api.errors import InvalidRequest
-from pg_backup_api.operations import (
-    INSTANCE_TYPES,
-    SERVER_TYPES,
-    OperationType,
-    Status,
-    describe,
-    parse_request,
-    status_of,
-)
-from pg_backup_api.store import Record
+from pg_backup_api.core.errors import InvalidRequest
+from pg_backup_api.core.model import INSTANCE_TYPES, SERVER_TYPES, OperationType, Status, describe, status_of
+from pg_backup_api.rules.requests import parse_request
+from pg_backup_api.store.jobs import Record
 
 VALID = {"backup_id": "latest", "destination_directory": "/var/lib/pgsql/restore",
          "remote_ssh_command": "ssh postgres@db2"}

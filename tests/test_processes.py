@@ -6,7 +6,7 @@ import subprocess
 import time
 from functools import partial
 
-from pg_backup_api import processes
+from pg_backup_api.worker import processes
 
 from .conftest import wait_for
 

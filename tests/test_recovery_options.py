@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from pg_backup_api import barman_cli
+from pg_backup_api.barman_io import commands as barman_cli
 
 BODY = {"type": "recovery", "backup_id": "latest", "destination_directory": "/srv/pg/restore",
         "remote_ssh_command": "ssh postgres@db2"}

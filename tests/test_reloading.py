@@ -4,9 +4,9 @@ import os
 
 import pytest
 
-from pg_backup_api.auth import TokenFile, Unauthorized
-from pg_backup_api.errors import ApiError
-from pg_backup_api.reloading import Reloading
+from pg_backup_api.core.errors import ApiError
+from pg_backup_api.core.reloading import Reloading
+from pg_backup_api.service.auth import TokenFile, Unauthorized
 
 
 class Files:

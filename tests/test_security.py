@@ -12,9 +12,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pg_backup_api import create_app
-from pg_backup_api.auth import ProxySecret, TokenFile, vouched_subject, write_proxy_secret
 from pg_backup_api.cli import main
-from pg_backup_api.settings import ServerPolicy, Settings
+from pg_backup_api.rules.settings import ServerPolicy, Settings
+from pg_backup_api.service.auth import ProxySecret, TokenFile, vouched_subject, write_proxy_secret
 
 BODY = {"type": "recovery", "backup_id": "latest", "destination_directory": "/srv/pg/restore",
         "remote_ssh_command": "ssh postgres@db2"}
@@ -307,7 +307,7 @@ def test_canceling_takes_the_scope_that_creating_took(barman_files, spawned, tok
 
 
 def test_diagnose_needs_the_admin_scope(barman_files, spawned, tokens, monkeypatch):
-    monkeypatch.setattr("pg_backup_api.barman_adapter.diagnose", lambda path, timeout: {"barman": {"servers": {}}})
+    monkeypatch.setattr("pg_backup_api.barman_io.adapter.diagnose", lambda path, timeout: {"barman": {"servers": {}}})
     client = make_client(barman_files, spawned, auth="token", tokens_file=tokens[0])
     for scope in ("read", "operate"):
         response = client.get("/diagnose", headers=bearer(tokens[1][scope]))

@@ -10,9 +10,9 @@ import time
 
 import pytest
 
-from pg_backup_api import serving
-from pg_backup_api.factory import create_app, with_status_shortcut
-from pg_backup_api.settings import Settings
+from pg_backup_api.http import serving
+from pg_backup_api.http.factory import create_app, with_status_shortcut
+from pg_backup_api.rules.settings import Settings
 
 from .conftest import wait_for
 

@@ -10,10 +10,11 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from pg_backup_api import barman_adapter, create_app
-from pg_backup_api.errors import TooBusy
-from pg_backup_api.settings import Settings
-from pg_backup_api.single_flight import SingleFlight
+from pg_backup_api import create_app
+from pg_backup_api.barman_io import adapter as barman_adapter
+from pg_backup_api.core.errors import TooBusy
+from pg_backup_api.rules.settings import Settings
+from pg_backup_api.store.single_flight import SingleFlight
 
 
 def test_callers_in_one_process_share_one_run(tmp_path):

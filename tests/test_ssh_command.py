@@ -10,10 +10,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pg_backup_api import create_app, ssh_command
-from pg_backup_api.errors import InvalidRequest, Unprocessable
-from pg_backup_api.settings import ServerPolicy, Settings
-from pg_backup_api.ssh_command import ENABLEABLE, NEVER, SshCommand, check_format, option_names, parse, resolve
+from pg_backup_api import create_app
+from pg_backup_api.core.errors import InvalidRequest, Unprocessable
+from pg_backup_api.rules import ssh_command
+from pg_backup_api.rules.settings import ServerPolicy, Settings
+from pg_backup_api.rules.ssh_command import ENABLEABLE, NEVER, SshCommand, check_format, option_names, parse, resolve
 
 # Each of these would run a command on the Barman host, reach another host than the one
 # named, restore onto the Barman host itself, smuggle a remote command, write into a file

@@ -16,10 +16,11 @@ from pathlib import Path
 
 import pytest
 
-from pg_backup_api import runner, ssh_command, ssh_master
-from pg_backup_api.errors import InvalidRequest
-from pg_backup_api.operations import OperationType
-from pg_backup_api.settings import Settings
+from pg_backup_api.core.errors import InvalidRequest
+from pg_backup_api.core.model import OperationType
+from pg_backup_api.rules import ssh_command
+from pg_backup_api.rules.settings import Settings
+from pg_backup_api.worker import runner, ssh_master
 
 from .conftest import BarmanFiles
 

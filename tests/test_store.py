@@ -5,8 +5,8 @@ from datetime import datetime, timezone
 
 import pytest
 
-from pg_backup_api.errors import NoSuchOperation
-from pg_backup_api.store import OperationStore, write_json_atomic
+from pg_backup_api.core.errors import NoSuchOperation
+from pg_backup_api.store.jobs import OperationStore, write_json_atomic
 
 NOW = datetime(2026, 11, 27, 9, 32, 1, tzinfo=timezone.utc)
 

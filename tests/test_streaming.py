@@ -12,10 +12,13 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pg_backup_api import create_app, runner, streaming
+from pg_backup_api import create_app
 from pg_backup_api.client import sse_events
-from pg_backup_api.operations import OperationType, job_document, now_utc
-from pg_backup_api.settings import Settings
+from pg_backup_api.core.model import OperationType, now_utc
+from pg_backup_api.http import streaming
+from pg_backup_api.rules.requests import job_document
+from pg_backup_api.rules.settings import Settings
+from pg_backup_api.worker import runner
 from tests.conftest import wait_for
 
 BODY = {"type": "recovery", "backup_id": "latest", "destination_directory": "/srv/pg/restore",

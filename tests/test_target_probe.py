@@ -19,9 +19,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pg_backup_api import create_app, effects, target_probe
-from pg_backup_api.errors import ApiError, Unprocessable
-from pg_backup_api.settings import Settings
+from pg_backup_api import create_app
+from pg_backup_api.core.errors import ApiError, Unprocessable
+from pg_backup_api.rules import effects
+from pg_backup_api.rules.settings import Settings
+from pg_backup_api.worker import target_probe
 
 from .conftest import install_stand_in_barman, operation_ended
 

@@ -2,10 +2,11 @@
 
 import re
 
-from pg_backup_api import create_app, metrics
-from pg_backup_api.auth import TokenFile
-from pg_backup_api.operations import now_utc
-from pg_backup_api.settings import Settings
+from pg_backup_api import create_app
+from pg_backup_api.core.model import now_utc
+from pg_backup_api.http import metrics
+from pg_backup_api.rules.settings import Settings
+from pg_backup_api.service.auth import TokenFile
 
 
 def no_refresh(monkeypatch):

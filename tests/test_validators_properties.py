@@ -15,10 +15,12 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from pg_backup_api import ids, paths, schema, ssh_command
-from pg_backup_api.errors import ApiError, InvalidRequest
-from pg_backup_api.operations import INSTANCE_TYPES, SERVER_TYPES, parse_request
-from pg_backup_api.paging import ListFilters, parse_filters
+from pg_backup_api.core import ids
+from pg_backup_api.core.errors import ApiError, InvalidRequest
+from pg_backup_api.core.model import INSTANCE_TYPES, SERVER_TYPES
+from pg_backup_api.rules import paths, schema, ssh_command
+from pg_backup_api.rules.requests import parse_request
+from pg_backup_api.service.paging import ListFilters, parse_filters
 
 from .hostile import (
     INSTANCE_BODIES,

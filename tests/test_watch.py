@@ -10,9 +10,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pg_backup_api import index as index_module
-from pg_backup_api import watch
-from pg_backup_api.store import OperationStore, read_state_file
+from pg_backup_api.store import index as index_module
+from pg_backup_api.store import watch
+from pg_backup_api.store.jobs import OperationStore, read_state_file
 
 T0 = datetime(2026, 11, 30, 9, 0, 0, tzinfo=timezone.utc)
 

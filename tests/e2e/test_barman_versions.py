@@ -21,7 +21,7 @@ from typing import Iterator
 
 import pytest
 
-from pg_backup_api import barman_features
+from pg_backup_api.barman_io import features as barman_features
 
 from .conftest import ROOT, Sandbox, Service, sandbox_down, sandbox_up, unavailable, wait_for
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from pg_backup_api.operations import PHASE_MARKERS
+from pg_backup_api.core.model import PHASE_MARKERS
 
 from .conftest import VENV
 

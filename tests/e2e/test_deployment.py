@@ -24,7 +24,7 @@ from typing import Any, Dict, Iterator, List, Optional
 import pytest
 import requests
 
-from pg_backup_api import processes
+from pg_backup_api.worker import processes
 
 from .conftest import (
     ROOT,

@@ -12,7 +12,7 @@ from typing import Iterator
 
 import pytest
 
-from pg_backup_api import metrics
+from pg_backup_api.http import metrics
 from tests import sandbox as stack
 from tests.e2e.conftest import Sandbox, Service, barman, sandbox_down, sandbox_up, wait_for
 

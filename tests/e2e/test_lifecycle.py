@@ -12,7 +12,7 @@ from typing import Optional
 
 import pytest
 
-from pg_backup_api import processes
+from pg_backup_api.worker import processes
 
 from .conftest import Service, unavailable, wait_for
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from pg_backup_api import processes, ssh_master
+from pg_backup_api.worker import processes, ssh_master
 
 from .conftest import free_port, wait_for
 

@@ -1,0 +1,1 @@
+"""The HTTP layer: the Flask app factory, routes, the page, metrics exposition, streams and servers."""

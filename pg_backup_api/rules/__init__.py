@@ -1,0 +1,1 @@
+"""Pure rules: request parsing and schema, the ssh command, path rules, effects, settings."""

@@ -1,0 +1,1 @@
+"""Use cases behind the HTTP layer and the CLI: operations, discovery, doctor, auth, paging."""

@@ -1,0 +1,1 @@
+"""The detached worker: runs barman for one operation, its ssh master, its processes."""
